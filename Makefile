@@ -1,0 +1,31 @@
+# Two commands for a fresh machine with Python 3.11:
+#   make run    set up .venv and run the notebook pipeline headless (papermill) on the embedded sample
+#   make test   set up .venv and run the test suite
+PYTHON_SYS ?= $(shell command -v python3.11 || command -v python3)
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+STAMP      := $(VENV)/.adaclip-installed
+RUN        ?= default
+
+.PHONY: setup run test manifests clean-run
+
+setup: $(STAMP)
+
+# Reinstall when the dependency list changes; `pip install -e` makes lib/ edits live.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m adaclip.cli pipeline --run $(RUN)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+manifests: $(STAMP)
+	$(PY) -m adaclip.cli manifests
+
+clean-run:
+	rm -rf results/$(RUN)

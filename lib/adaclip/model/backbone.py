@@ -1,0 +1,219 @@
+"""Frozen open_clip CLIP backbone: weight resolution, resizing, and the prompted encoder passes.
+
+The model is stock ``open_clip_torch`` (no vendored copy). The prompted passes loop over
+``transformer.resblocks`` themselves because prompts are inserted between blocks
+(ADACLIP_SPEC.md, "Forward pass" steps 3 and 4).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from torch import nn
+
+from ..config import BackboneCfg
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_ENV = "ADACLIP_CLIP_WEIGHTS"   # path to a local CLIP weights file; overrides a tag
+_CONFIG_DIR = Path(__file__).parent / "configs"
+open_clip.add_model_config(_CONFIG_DIR)  # registers `adaclip-tiny` for tests and CI
+
+
+class WeightsUnavailableError(RuntimeError):
+    """CLIP weights could not be found locally or downloaded."""
+
+
+def resolve_weights(cfg: BackboneCfg) -> Optional[str]:
+    """Where the CLIP weights come from: a local file, an open_clip tag, or None (random init).
+
+    Order: the ``ADACLIP_CLIP_WEIGHTS`` environment variable (a file) when a tag is configured,
+    then ``cfg.pretrained`` as a file path, then as an open_clip tag (which open_clip resolves
+    from its cache or downloads).
+    """
+    if cfg.pretrained is None:
+        return None
+    env = os.environ.get(WEIGHTS_ENV)
+    if env and not _looks_like_path(cfg.pretrained):
+        if not Path(env).is_file():
+            raise FileNotFoundError(f"{WEIGHTS_ENV}={env} does not name a file; unset it or point it "
+                                    f"at the CLIP weights for {cfg.name}")
+        log.info("CLIP weights for %s from %s=%s", cfg.name, WEIGHTS_ENV, env)
+        return env
+    if _looks_like_path(cfg.pretrained):
+        if not Path(cfg.pretrained).expanduser().is_file():
+            raise FileNotFoundError(f"CLIP weights file {cfg.pretrained} (backbone {cfg.name}) does not exist")
+        return str(Path(cfg.pretrained).expanduser())
+    tags = open_clip.list_pretrained_tags_by_model(cfg.name)
+    if cfg.pretrained not in tags:
+        raise ValueError(f"unknown pretrained tag {cfg.pretrained!r} for {cfg.name}; known tags: {tags}, "
+                         f"or give a local file path, or None for random weights")
+    return cfg.pretrained
+
+
+def _looks_like_path(p: str) -> bool:
+    return os.sep in p or p.endswith((".pt", ".pth", ".bin", ".safetensors")) or Path(p).expanduser().is_file()
+
+
+def _uses_quick_gelu(cfg: BackboneCfg) -> bool:
+    if cfg.quick_gelu is not None:
+        return cfg.quick_gelu
+    # OpenAI's CLIP was trained with QuickGELU; AdaCLIP uses those weights. Other tags say their own.
+    tag = cfg.pretrained if cfg.pretrained in open_clip.list_pretrained_tags_by_model(cfg.name) else "openai"
+    return bool(open_clip.get_pretrained_cfg(cfg.name, tag).get("quick_gelu", False))
+
+
+def build_clip(cfg: BackboneCfg, device: Optional[str] = None) -> nn.Module:
+    """Create the frozen CLIP at ``cfg.image_size`` with the configured weights.
+
+    ``device="meta"`` builds the architecture without memory (parameter counts, shape checks).
+
+    Raises ValueError for an unknown or unsupported backbone and WeightsUnavailableError (with
+    how to supply a file) when the weights can be neither found nor downloaded.
+    """
+    if cfg.name not in open_clip.list_models():
+        raise ValueError(f"unknown backbone {cfg.name!r}; open_clip ViT models include "
+                         f"{[m for m in open_clip.list_models() if m.startswith('ViT-')][:12]} ...")
+    weights = resolve_weights(cfg)
+    quick_gelu = _uses_quick_gelu(cfg)
+    if weights is None:
+        log.warning("random weights: scores are meaningless (backbone %s, pretrained=None)", cfg.name)
+    try:
+        # Built at the native size, then resized below: the reference interpolates the
+        # positional embedding bicubically without antialiasing; open_clip's loader antialiases.
+        clip = open_clip.create_model(cfg.name, pretrained=weights, force_quick_gelu=quick_gelu,
+                                      **({"device": device} if device else {}))
+    except Exception as e:  # network / hub / cache failures all end here
+        if weights is None or isinstance(e, (FileNotFoundError, ValueError)):
+            raise
+        raise WeightsUnavailableError(
+            f"could not load CLIP weights {cfg.pretrained!r} for backbone {cfg.name} ({type(e).__name__}: {e}). "
+            f"Offline? Download the weights elsewhere and pass pretrained='/path/to/file' (or set "
+            f"{WEIGHTS_ENV}=/path/to/file); open_clip's cache (~/.cache/huggingface, ~/.cache/clip) is "
+            f"also searched. For a smoke run without weights use pretrained=None (scores are meaningless)."
+        ) from e
+    visual = getattr(clip, "visual", None)
+    if not isinstance(visual, open_clip.transformer.VisionTransformer) or visual.attn_pool is not None:
+        raise ValueError(f"backbone {cfg.name} is not a plain open_clip ViT (got {type(visual).__name__}); "
+                         f"AdaCLIP needs ViT patch tokens, e.g. ViT-B-16, ViT-L-14, ViT-L-14-336")
+    if getattr(clip, "text_pool_type", "argmax") != "argmax" or not hasattr(clip, "token_embedding"):
+        raise ValueError(f"backbone {cfg.name} has no CLIP text tower with EOT (argmax) pooling")
+    set_image_size(visual, cfg.image_size)
+    clip.eval().requires_grad_(False)
+    return clip
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
+    """(1 + g², W) -> (1 + grid², W): bicubic over the grid, class position kept (reference)."""
+    cls_pos, grid_pos = pos_embed[:1], pos_embed[1:]
+    old = int(round(grid_pos.shape[0] ** 0.5))
+    if old * old != grid_pos.shape[0]:
+        raise ValueError(f"positional embedding of {grid_pos.shape[0]} patches is not a square grid")
+    if old == grid:
+        return pos_embed
+    x = grid_pos.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()   # (1, W, g, g)
+    x = F.interpolate(x, size=(grid, grid), mode="bicubic", align_corners=False)
+    x = x.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(pos_embed.dtype)
+    return torch.cat([cls_pos, x], dim=0)
+
+
+def set_image_size(visual: nn.Module, image_size: int) -> None:
+    """Make a ViT take (image_size, image_size) inputs by resizing its positional embedding."""
+    patch = patch_size(visual)
+    if image_size % patch:
+        raise ValueError(f"image_size {image_size} is not a multiple of the patch size {patch}; "
+                         f"use e.g. {image_size // patch * patch} or {(image_size // patch + 1) * patch}")
+    grid = image_size // patch
+    if tuple(visual.grid_size) != (grid, grid):
+        old = tuple(visual.grid_size)
+        visual.positional_embedding = nn.Parameter(resize_pos_embed(visual.positional_embedding.data, grid),
+                                                   requires_grad=False)
+        visual.grid_size = (grid, grid)
+        visual.image_size = (image_size, image_size)
+        log.info("positional embedding resized from grid %s to %s", old, (grid, grid))
+
+
+def patch_size(visual: nn.Module) -> int:
+    p = visual.patch_size
+    return int(p[0] if isinstance(p, (tuple, list)) else p)
+
+
+def default_out_layers(n_layers: int) -> tuple[int, ...]:
+    """Quarter depths, 1-based: 24 layers -> (6, 12, 18, 24), 12 -> (3, 6, 9, 12)."""
+    q = n_layers // 4
+    if q < 1:
+        raise ValueError(f"a ViT with {n_layers} layers has no four quarter-depth outputs; set out_layers")
+    return (q, 2 * q, 3 * q, 4 * q)
+
+
+def normalization(cfg: BackboneCfg) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Image mean/std of the configured weights (OpenAI's unless the tag says otherwise)."""
+    tag = cfg.pretrained if cfg.pretrained in open_clip.list_pretrained_tags_by_model(cfg.name) else None
+    pc = open_clip.get_pretrained_cfg(cfg.name, tag) if tag else {}
+    return tuple(pc.get("mean") or OPENAI_DATASET_MEAN), tuple(pc.get("std") or OPENAI_DATASET_STD)
+
+
+def encode_image(visual: nn.Module, images: torch.Tensor, out_layers: Sequence[int],
+                 layer_prompts: Optional[Sequence[torch.Tensor]] = None):
+    """Visual pass with prompts inserted between blocks.
+
+    images: (B, 3, S, S). layer_prompts: one (B, L, W) tensor per prompted layer 0..J-1, or None.
+    Layer 0 appends the prompt after the patch tokens; layers 1..J-1 replace the last L tokens;
+    later layers leave them in place. Returns the pooled, projected feature (B, D) and, per output
+    layer, the patch tokens (B, N, W) right after that block (no class token, no prompt tokens).
+    """
+    x = visual.conv1(images)                                    # (B, W, g, g)
+    x = x.flatten(2).transpose(1, 2)                            # (B, N, W)
+    cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+    x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)  # (B, 1+N, W)
+    x = visual.patch_dropout(x)
+    x = visual.ln_pre(x)
+    n_tok = x.shape[1]
+
+    want = set(out_layers)
+    patch_tokens = []
+    for i, block in enumerate(visual.transformer.resblocks):
+        if layer_prompts is not None and i < len(layer_prompts):
+            p = layer_prompts[i].to(x.dtype).expand(x.shape[0], -1, -1)  # (B, L, W)
+            x = torch.cat([x if i == 0 else x[:, :n_tok], p], dim=1)
+        x = block(x)
+        if i + 1 in want:
+            patch_tokens.append(x[:, 1:n_tok])                  # (B, N, W)
+
+    pooled = visual.ln_post(x[:, 0])                            # class token ('tok' pooling)
+    if visual.proj is not None:
+        pooled = pooled @ visual.proj                           # (B, D)
+    return pooled, patch_tokens
+
+
+def encode_text(clip: nn.Module, tokens: torch.Tensor,
+                layer_prompts: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+    """Text pass with prompts replacing the tokens right after SOT in layers 1..J-1.
+
+    tokens: (G, S, T) token ids, G groups of S sentences. layer_prompts: one (G or 1, L, Wt)
+    tensor per prompted layer 0..J-1 (layer 0 is left untouched, as in the reference), or None.
+    Returns EOT features after ``ln_final`` and the projection: (G, S, D).
+    """
+    G, S, T = tokens.shape
+    cast = clip.transformer.get_cast_dtype()
+    x = clip.token_embedding(tokens.reshape(G * S, T)).to(cast)  # (G·S, T, Wt)
+    x = x + clip.positional_embedding.to(cast)
+    for i, block in enumerate(clip.transformer.resblocks):
+        if layer_prompts is not None and 1 <= i < len(layer_prompts):
+            p = layer_prompts[i].to(x.dtype)                     # (G or 1, L, Wt)
+            L = p.shape[1]
+            p = p.unsqueeze(1).expand(G, S, L, p.shape[-1]).reshape(G * S, L, -1)
+            x = torch.cat([x[:, :1], p, x[:, 1 + L:]], dim=1)
+        x = block(x, attn_mask=clip.attn_mask)
+    x = clip.ln_final(x)
+    eot = tokens.reshape(G * S, T).argmax(dim=-1)               # EOT has the highest id
+    x = x[torch.arange(G * S, device=x.device), eot]            # (G·S, Wt)
+    proj = clip.text_projection
+    x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
+    return x.reshape(G, S, -1)

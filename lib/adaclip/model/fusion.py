@@ -1,0 +1,112 @@
+"""Hybrid Semantic Fusion (paper Sec. 3.3) and the map post-processing.
+
+HSF clusters the most anomalous patch tokens and blends the mean cluster centre into the image
+feature. The reference runs unseeded sklearn k-means image by image; the default here is a seeded,
+batched k-means++ / Lloyd in torch whose result for an image does not depend on the rest of the
+batch. ``kmeans="sklearn"`` keeps the reference behaviour (seeded through ``seed``).
+"""
+from __future__ import annotations
+
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def kmeans(x: torch.Tensor, n_clusters: int, seed: int = 0, max_iter: int = 100) -> torch.Tensor:
+    """Batched k-means. x: (B, K, C) -> labels (B, K).
+
+    k-means++ seeding draws the same uniform numbers for every image (one generator seeded with
+    ``seed``), so an image gets the same clusters alone or in any batch.
+    """
+    B, K, _ = x.shape
+    k = min(n_clusters, K)
+    x = x.float()
+    u = torch.rand(k, generator=torch.Generator().manual_seed(seed)).to(x.device)
+    rows = torch.arange(B, device=x.device)
+    first = (u[0] * K).long().clamp(max=K - 1).expand(B)
+    centres = [x[rows, first]]                                             # k × (B, C)
+    d2 = (x - centres[0][:, None]).pow(2).sum(-1)                          # (B, K)
+    for c in range(1, k):
+        cdf = d2.cumsum(-1)
+        total = cdf[:, -1:]
+        # all points identical to chosen centres: fall back to uniform choice
+        cdf = torch.where(total > 0, cdf / total.clamp_min(1e-30), torch.arange(1, K + 1, device=x.device) / K)
+        idx = torch.searchsorted(cdf, u[c].expand(B, 1).contiguous()).squeeze(1).clamp(max=K - 1)
+        centres.append(x[rows, idx])
+        d2 = torch.minimum(d2, (x - centres[-1][:, None]).pow(2).sum(-1))
+    centres = torch.stack(centres, dim=1)                                  # (B, k, C)
+
+    labels = None
+    for _ in range(max_iter):
+        new = torch.cdist(x, centres).argmin(-1)                           # (B, K)
+        if labels is not None and torch.equal(new, labels):
+            break
+        labels = new
+        onehot = F.one_hot(labels, k).to(x.dtype)                          # (B, K, k)
+        counts = onehot.sum(1)                                             # (B, k)
+        sums = onehot.transpose(1, 2) @ x                                  # (B, k, C)
+        centres = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1)[..., None], centres)
+    return labels
+
+
+def _sklearn_kmeans(x: torch.Tensor, n_clusters: int, seed) -> torch.Tensor:
+    from sklearn.cluster import KMeans
+
+    k = min(n_clusters, x.shape[1])
+    out = [KMeans(n_clusters=k, n_init="auto", random_state=seed).fit_predict(xb.detach().float().cpu().numpy())
+           for xb in x]
+    return torch.as_tensor(np.stack(out), device=x.device).long()
+
+
+def hybrid_semantic_fusion(patch_features: list[torch.Tensor], layer_logits: list[torch.Tensor],
+                           k_clusters: int, seed: int = 0, method: str = "torch") -> torch.Tensor:
+    """patch_features: per layer (B, N, D), L2-normalised; layer_logits: per layer (B, N, 2).
+
+    Returns the fused feature h (B, D), L2-normalised: the mean over clusters of each cluster's mean
+    token over all layers, for k-means on the top 5·k patches (layers concatenated along channels).
+    """
+    prob = torch.softmax(torch.stack(layer_logits, 1).mean(1), dim=-1)[..., 1]   # (B, N)
+    K = min(prob.shape[1], 5 * k_clusters)
+    top = prob.topk(K, dim=1).indices                                             # (B, K)
+    chosen = [f.gather(1, top[..., None].expand(-1, -1, f.shape[-1])) for f in patch_features]  # (B, K, D) each
+    stacked = torch.cat(chosen, dim=-1).detach()                                  # (B, K, nL·D)
+    if method == "sklearn":
+        labels = _sklearn_kmeans(stacked, k_clusters, seed)
+    else:
+        labels = kmeans(stacked, k_clusters, seed)
+    k = min(k_clusters, K)
+    # each layer's tokens count as separate rows (reference), so the centre is the layer mean
+    mean_tokens = torch.stack(chosen, 0).mean(0)                                  # (B, K, D)
+    onehot = F.one_hot(labels, k).to(mean_tokens.dtype)                           # (B, K, k)
+    counts = onehot.sum(1)                                                        # (B, k)
+    centres = (onehot.transpose(1, 2) @ mean_tokens) / counts.clamp_min(1)[..., None]  # (B, k, D)
+    present = (counts > 0).to(centres.dtype)
+    h = (centres * present[..., None]).sum(1) / present.sum(1, keepdim=True)      # mean over clusters
+    return F.normalize(h, dim=-1)
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:
+    """(B, H, W) -> (B, H, W); equals scipy.ndimage.gaussian_filter(mode='reflect') per image."""
+    if sigma <= 0:
+        return maps
+    radius = int(truncate * sigma + 0.5)
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).to(maps.dtype).to(maps.device)
+    x = maps[:, None]                                                             # (B, 1, H, W)
+    for dim in (2, 3):
+        x = _symmetric_pad(x, radius, dim)
+        w = kernel.view(1, 1, -1, 1) if dim == 2 else kernel.view(1, 1, 1, -1)
+        x = F.conv2d(x, w)
+    return x[:, 0]
+
+
+def _symmetric_pad(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:
+    """scipy's 'reflect' (d c b a | a b c d | d c b a), for any pad width."""
+    n = x.shape[dim]
+    i = torch.arange(-r, n + r, device=x.device) % (2 * n)
+    i = torch.where(i >= n, 2 * n - 1 - i, i)
+    return x.index_select(dim, i)
+
+

@@ -1,0 +1,93 @@
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adaclip import BackboneCfg
+from adaclip.model import WeightsUnavailableError, build_clip
+from adaclip.model.backbone import (WEIGHTS_ENV, default_out_layers, encode_image, encode_text,
+                                    resize_pos_embed, resolve_weights)
+
+
+def test_quarter_depth_out_layers():
+    assert default_out_layers(24) == (6, 12, 18, 24)
+    assert default_out_layers(12) == (3, 6, 9, 12)
+    assert default_out_layers(4) == (1, 2, 3, 4)
+
+
+def test_resize_pos_embed_is_bicubic_and_keeps_class_position():
+    pe = torch.randn(1 + 4 * 4, 8)
+    out = resize_pos_embed(pe, 6)
+    assert out.shape == (1 + 36, 8)
+    assert torch.equal(out[0], pe[0])
+    expected = F.interpolate(pe[1:].reshape(1, 4, 4, 8).permute(0, 3, 1, 2), size=(6, 6), mode="bicubic",
+                             align_corners=False).permute(0, 2, 3, 1).reshape(36, 8)
+    torch.testing.assert_close(out[1:], expected)
+    assert resize_pos_embed(pe, 4) is pe
+    # a constant embedding stays constant under interpolation
+    const = torch.ones(17, 3)
+    torch.testing.assert_close(resize_pos_embed(const, 7), torch.ones(50, 3))
+
+
+def test_model_built_at_target_size_has_resized_pos_embed():
+    torch.manual_seed(0)
+    native = build_clip(BackboneCfg(name="adaclip-tiny", pretrained=None, image_size=32))
+    torch.manual_seed(0)
+    big = build_clip(BackboneCfg(name="adaclip-tiny", pretrained=None, image_size=64))
+    assert tuple(big.visual.grid_size) == (8, 8)
+    torch.testing.assert_close(big.visual.positional_embedding, resize_pos_embed(native.visual.positional_embedding, 8))
+    feats = big.visual(torch.randn(1, 3, 64, 64))
+    assert feats.shape == (1, 32)
+
+
+def test_image_size_must_be_multiple_of_patch():
+    with pytest.raises(ValueError, match="multiple of the patch size 8"):
+        build_clip(BackboneCfg(name="adaclip-tiny", pretrained=None, image_size=36))
+
+
+def test_unknown_backbone():
+    with pytest.raises(ValueError, match="unknown backbone"):
+        build_clip(BackboneCfg(name="ViT-Z-99", pretrained=None))
+
+
+def test_unprompted_passes_equal_stock_open_clip():
+    torch.manual_seed(0)
+    clip = build_clip(BackboneCfg(name="adaclip-tiny", pretrained=None, image_size=32))
+    x = torch.randn(2, 3, 32, 32)
+    pooled, tokens = encode_image(clip.visual, x, (1, 2, 3, 4))
+    torch.testing.assert_close(pooled, clip.visual(x))
+    assert [t.shape for t in tokens] == [(2, 16, 64)] * 4
+    text = open_clip.get_tokenizer("adaclip-tiny")(["a photo of a bottle.", "a broken screw."])
+    torch.testing.assert_close(encode_text(clip, text[None])[0], clip.encode_text(text))
+
+
+def test_local_weights_file_and_env_var(tmp_path, monkeypatch):
+    torch.manual_seed(3)
+    src = build_clip(BackboneCfg(name="adaclip-tiny", pretrained=None, image_size=32))
+    path = tmp_path / "tiny.pt"
+    torch.save(src.state_dict(), path)
+    loaded = build_clip(BackboneCfg(name="adaclip-tiny", pretrained=str(path), image_size=32))
+    for (k, a), b in zip(src.state_dict().items(), loaded.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=k)
+    # the environment variable overrides a tag
+    monkeypatch.setenv(WEIGHTS_ENV, str(path))
+    assert resolve_weights(BackboneCfg(name="ViT-B-16", pretrained="openai")) == str(path)
+    monkeypatch.setenv(WEIGHTS_ENV, str(tmp_path / "missing.pt"))
+    with pytest.raises(FileNotFoundError, match=WEIGHTS_ENV):
+        resolve_weights(BackboneCfg(name="ViT-B-16", pretrained="openai"))
+
+
+def test_missing_file_and_unknown_tag():
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        resolve_weights(BackboneCfg(name="ViT-B-16", pretrained="/nowhere/missing.pt"))
+    with pytest.raises(ValueError, match="known tags"):
+        resolve_weights(BackboneCfg(name="ViT-B-16", pretrained="not-a-tag"))
+
+
+def test_offline_tag_gives_clear_error(monkeypatch, tmp_path):
+    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # empty cache
+    with pytest.raises(WeightsUnavailableError) as err:
+        build_clip(BackboneCfg(name="ViT-B-32", pretrained="openai", image_size=224), device="meta")
+    msg = str(err.value)
+    assert "ViT-B-32" in msg and "'openai'" in msg and WEIGHTS_ENV in msg and "pretrained=" in msg

@@ -1,0 +1,88 @@
+import pytest
+import torch
+
+from adaclip import AdaCLIP, AdaCLIPConfig, CheckpointError
+from adaclip.model.checkpoint import OFFICIAL_KEY_MAP  # noqa: F401  (documented mapping)
+
+
+def _outputs(model, images):
+    with torch.no_grad():
+        out = model(images, "bottle")
+    return out.image_scores, out.pixel_scores
+
+
+def test_save_load_round_trip(tiny_model, images, tmp_path):
+    with torch.no_grad():
+        for p in tiny_model.learnable_parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    path = tmp_path / "ckpt" / "model.pt"
+    tiny_model.save(path, epoch=3)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.pt"]   # no temp files left
+    payload = torch.load(path, weights_only=True)
+    assert payload["format"] == "adaclip" and payload["epoch"] == 3
+    assert not any(k.startswith("clip.") for k in payload["state_dict"])   # frozen CLIP not saved
+    torch.manual_seed(0)   # random-init CLIP: same seed, same frozen weights (real weights load from file)
+    again = AdaCLIP.load(path).eval()
+    for a, b in zip(_outputs(tiny_model, images), _outputs(again, images)):
+        torch.testing.assert_close(a, b)
+
+
+def _official_state(model) -> dict:
+    """Our parameters under the reference's key names, as its trainer's state_dict would hold them."""
+    s = model.learnable_state_dict()
+    out = {}
+    for i in range(model.cfg.prompts.depth):
+        out[f"clip_model.visual_prompter.static_prompts.{i}"] = s[f"visual_prompts.static.{i}"]
+        out[f"clip_model.text_prompter.static_prompts.{i}"] = s[f"text_prompts.static.{i}"]
+    for l in range(model.cfg.prompts.length):
+        for w in ("weight", "bias"):
+            out[f"clip_model.dynamic_visual_prompt_generator.head.{l}.{w}"] = s[f"visual_prompts.dynamic.{l}.{w}"]
+            out[f"clip_model.dynamic_text_prompt_generator.head.{l}.{w}"] = s[f"text_prompts.dynamic.{l}.{w}"]
+    for k in range(4):
+        for w in ("weight", "bias"):
+            out[f"clip_model.patch_token_layer.head.{k}.{w}"] = s[f"patch_proj.{k}.{w}"]
+    for w in ("weight", "bias"):
+        out[f"clip_model.cls_token_layer.head.0.{w}"] = s[f"cls_proj.{w}"]
+    return {k: v.clone() for k, v in out.items()}
+
+
+def test_official_checkpoint_loads(tiny_cfg, images, tmp_path):
+    torch.manual_seed(1)
+    source = AdaCLIP.from_config(tiny_cfg).eval()
+    path = tmp_path / "pretrained_all.pth"
+    torch.save(_official_state(source), path)
+    torch.manual_seed(2)
+    target = AdaCLIP.from_config(tiny_cfg).eval()
+    target.clip.load_state_dict(source.clip.state_dict())       # same frozen CLIP, as with real weights
+    target.load_official_checkpoint(path)
+    for a, b in zip(_outputs(source, images), _outputs(target, images)):
+        torch.testing.assert_close(a, b)
+
+
+def test_mismatched_official_checkpoint_lists_keys(tiny_cfg, tmp_path):
+    torch.manual_seed(1)
+    source = AdaCLIP.from_config(tiny_cfg)
+    state = _official_state(source)
+    del state["clip_model.cls_token_layer.head.0.bias"]
+    state["clip_model.something_else.weight"] = torch.zeros(1)
+    state["clip_model.visual_prompter.static_prompts.0"] = torch.zeros(9, 64)
+    path = tmp_path / "bad.pth"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError) as err:
+        source.load_official_checkpoint(path)
+    msg = str(err.value)
+    assert "cls_proj.bias" in msg and "something_else" in msg and "visual_prompts.static.0" in msg
+    assert "adaclip-tiny" in msg   # the config it expected
+
+
+def test_corrupt_and_foreign_files(tmp_path, tiny_model):
+    bad = tmp_path / "truncated.pt"
+    bad.write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match="truncated.pt"):
+        AdaCLIP.load(bad)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"a": torch.zeros(1)}, foreign)
+    with pytest.raises(CheckpointError, match="load_official_checkpoint"):
+        AdaCLIP.load(foreign)
+    with pytest.raises(FileNotFoundError):
+        AdaCLIP.load(tmp_path / "missing.pt")

@@ -1,0 +1,128 @@
+import pytest
+import torch
+
+from adaclip import AdaCLIP, AdaCLIPConfig, BackboneCfg, FusionCfg, PromptCfg
+
+
+def _model(**prompts) -> AdaCLIP:
+    torch.manual_seed(0)
+    cfg = AdaCLIPConfig.tiny()
+    cfg.prompts = PromptCfg(**{**cfg.prompts.to_dict(), **prompts})
+    return AdaCLIP.from_config(cfg).eval()
+
+
+def test_output_shapes_and_ranges(tiny_model, images):
+    out = tiny_model(images, ["bottle"] * 3, return_layer_maps=True)
+    assert out.image_scores.shape == (3,) and out.pixel_scores.shape == (3, 32, 32)
+    assert out.image_probs.shape == (3, 2)
+    assert len(out.layer_maps) == 4 and all(m.shape == (3, 2, 32, 32) for m in out.layer_maps)
+    for t in (out.image_scores, out.pixel_scores):
+        assert torch.all((t >= 0) & (t <= 1))
+    torch.testing.assert_close(out.image_probs.sum(-1), torch.ones(3))
+    torch.testing.assert_close(out.layer_maps[0].sum(1), torch.ones(3, 32, 32))
+
+
+@pytest.mark.parametrize("prompts", [dict(type="SD", branch="VL"), dict(type="S", branch="VL"),
+                                     dict(type="D", branch="VL"), dict(type="SD", branch="V"),
+                                     dict(type="SD", branch="L"), dict(branch="")])
+def test_batch_equals_single_image_calls(prompts, images):
+    model = _model(**prompts)
+    names = ["bottle", "screw", "bottle"]
+    with torch.no_grad():
+        batch = model(images, names, return_layer_maps=True)
+        singles = [model(images[i:i + 1], [names[i]], return_layer_maps=True) for i in range(3)]
+    torch.testing.assert_close(batch.image_scores, torch.cat([s.image_scores for s in singles]), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(batch.pixel_scores, torch.cat([s.pixel_scores for s in singles]), atol=1e-5, rtol=1e-4)
+    for k in range(4):
+        torch.testing.assert_close(batch.layer_maps[k], torch.cat([s.layer_maps[k] for s in singles]),
+                                   atol=1e-5, rtol=1e-4)
+
+
+def test_only_learnable_parts_get_gradients(tiny_model, images):
+    tiny_model.train()
+    out = tiny_model(images, "bottle", return_layer_maps=True)
+    (out.image_probs[:, 1].sum() + sum(m[:, 1].mean() for m in out.layer_maps)).backward()
+    for name, p in tiny_model.clip.named_parameters():
+        assert not p.requires_grad and p.grad is None, name
+    learnable = dict(tiny_model.named_parameters())
+    learnable = {n: p for n, p in learnable.items() if not n.startswith("clip.")}
+    assert {n.split(".")[0] for n in learnable} == {"visual_prompts", "text_prompts", "patch_proj", "cls_proj"}
+    # the reference allocates a layer-0 text prompt but never uses it (text layer 0 is untouched)
+    assert learnable.pop("text_prompts.static.0").grad is None
+    for name, p in learnable.items():
+        assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_default_config_trainable_count():
+    # the reference reports about 10.7 M; built on the meta device (no memory, no weights)
+    with torch.device("meta"):
+        model = AdaCLIP(AdaCLIPConfig(backbone=BackboneCfg(pretrained=None)), device="meta")
+    n = sum(p.numel() for p in model.learnable_parameters())
+    print(f"trainable parameters, default config (ViT-L-14-336 @ 518): {n:,}")
+    assert n == 10_665_472
+    assert model.out_layers == (6, 12, 18, 24) and tuple(model.clip.visual.grid_size) == (37, 37)
+
+
+def test_prompts_change_the_output(images):
+    model = _model()
+    with torch.no_grad():
+        before = model(images, "bottle").pixel_scores
+        # random perturbations: LayerNorm would cancel a constant shift
+        model.visual_prompts.static[0].add_(torch.randn_like(model.visual_prompts.static[0]))
+        mid = model(images, "bottle").pixel_scores
+        model.text_prompts.static[1].add_(torch.randn_like(model.text_prompts.static[1]))
+        after = model(images, "bottle").pixel_scores
+    assert not torch.allclose(before, mid) and not torch.allclose(mid, after)
+
+
+def test_layer0_text_prompt_is_unused(images):
+    # reference: text layer 0 is untouched, prompts replace tokens from layer 1 on
+    model = _model(type="S")
+    with torch.no_grad():
+        before = model(images, "bottle").pixel_scores
+        model.text_prompts.static[0].add_(torch.randn_like(model.text_prompts.static[0]))
+        after = model(images, "bottle").pixel_scores
+    torch.testing.assert_close(before, after)
+
+
+def test_hsf_off_uses_class_feature_only(images):
+    torch.manual_seed(0)
+    cfg = AdaCLIPConfig.tiny()
+    cfg.fusion = FusionCfg(use_hsf=False)
+    model = AdaCLIP.from_config(cfg).eval()
+    with torch.no_grad():
+        out = model(images, "bottle")
+    assert out.image_scores.shape == (3,)
+
+
+def test_text_features_match_stock_encoder(images):
+    # with the text tower unprompted, features are the reference's normalised ensembles of
+    # stock open_clip text features
+    model = _model(branch="V")
+    from adaclip.text import state_sentences
+    normal, abnormal = state_sentences("metal-nut")
+    with torch.no_grad():
+        ours = model.text_features(["metal-nut"])[0]
+        stock = []
+        for sents in (normal, abnormal):
+            f = model.clip.encode_text(model.tokenizer(sents), normalize=True).mean(0)
+            stock.append(f / f.norm())
+    torch.testing.assert_close(ours, torch.stack(stock, dim=1))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda x: x[:, :1], "RGB"),
+    (lambda x: (x * 255).to(torch.uint8), "floating point"),
+    (lambda x: torch.nn.functional.pad(x, (0, 4, 0, 4)), "multiple of the patch size"),
+    (lambda x: torch.nn.functional.pad(x, (0, 8, 0, 8)), "must be 32x32"),
+    (lambda x: x[0], r"\(B, 3, 32, 32\)"),
+    (lambda x: x.numpy(), "torch.Tensor"),
+])
+def test_bad_images(tiny_model, images, bad, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_model(bad(images), "bottle")
+
+
+def test_mismatched_class_names(tiny_model, images):
+    with pytest.raises(ValueError, match="one per image"):
+        tiny_model(images, ["bottle", "screw"])
