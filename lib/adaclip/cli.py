@@ -62,7 +62,7 @@ def _pipeline(args) -> int:
     from .pipeline import run_pipeline
 
     params = dict(kv.split("=", 1) for kv in args.param)
-    run_pipeline(args.run, params=params, notebooks=args.notebooks or None)
+    run_pipeline(args.run, params=params, notebooks_to_run=args.notebooks or None, force=args.force)
     return 0
 
 
@@ -100,6 +100,7 @@ def main(argv=None) -> int:
     r.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                    help="notebook parameter (repeatable), e.g. -p epochs=5")
     r.add_argument("--notebooks", nargs="*", help="subset of notebooks to run (default: all, in order)")
+    r.add_argument("--force", action="store_true", help="rerun notebooks that already finished")
     r.set_defaults(fn=_pipeline)
 
     args = p.parse_args(argv)

@@ -42,6 +42,7 @@ class BackboneCfg(_DictMixin):
     image_size: int = 518                          # pos-embeds resized on load
     out_layers: Optional[Tuple[int, ...]] = None   # 1-based, "after block k"; None = quarter depths
     quick_gelu: Optional[bool] = None              # None: as the `openai` weights were trained
+    init_seed: int = 0                             # random init (pretrained=None) is seeded: reloadable
 
     def __post_init__(self):
         if isinstance(self.pretrained, str) and self.pretrained.strip().lower() in ("", "none", "random"):

@@ -6,6 +6,7 @@ The model is stock ``open_clip_torch`` (no vendored copy). The prompted passes l
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -87,8 +88,9 @@ def build_clip(cfg: BackboneCfg, device: Optional[str] = None) -> nn.Module:
     try:
         # Built at the native size, then resized below: the reference interpolates the
         # positional embedding bicubically without antialiasing; open_clip's loader antialiases.
-        clip = open_clip.create_model(cfg.name, pretrained=weights, force_quick_gelu=quick_gelu,
-                                      **({"device": device} if device else {}))
+        with _seeded(cfg.init_seed if weights is None else None):
+            clip = open_clip.create_model(cfg.name, pretrained=weights, force_quick_gelu=quick_gelu,
+                                          **({"device": device} if device else {}))
     except Exception as e:  # network / hub / cache failures all end here
         if weights is None or isinstance(e, (FileNotFoundError, ValueError)):
             raise
@@ -107,6 +109,18 @@ def build_clip(cfg: BackboneCfg, device: Optional[str] = None) -> nn.Module:
     set_image_size(visual, cfg.image_size)
     clip.eval().requires_grad_(False)
     return clip
+
+
+@contextlib.contextmanager
+def _seeded(seed: Optional[int]):
+    """Random init from a fixed seed (so a random-weight checkpoint reloads the same backbone),
+    without touching the caller's random state."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:

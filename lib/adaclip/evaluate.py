@@ -1,0 +1,122 @@
+"""Zero-shot evaluation over manifests: metrics.csv, scores.csv and (optionally) anomaly maps."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .config import EvalCfg
+from .data import AnomalyDataset, check, read_manifests
+from .io import atomic_path, write_csv
+from .metrics import METRIC_KEYS, PixelAccumulator, mean_row, summarize
+from .runs import update_config, weights_note
+
+PathLike = Union[str, Path]
+
+
+@dataclass
+class EvalResult:
+    metrics: pd.DataFrame   # one row per dataset/category, a mean row per dataset (and overall)
+    scores: pd.DataFrame    # one row per image: score, label, F1-optimal decision
+
+
+def autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast on CUDA; nothing on CPU (the reference's fp16 rounding is not reproduced)."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def as_manifest(manifests) -> pd.DataFrame:
+    return manifests if isinstance(manifests, pd.DataFrame) else read_manifests(manifests)
+
+
+@torch.no_grad()
+def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = None, run_dir: Optional[PathLike] = None,
+             progress: bool = True, validate_files: bool = True) -> EvalResult:
+    """Run ``model`` over ``manifests`` (DataFrame or CSV paths) in batches and score it.
+
+    Pixel metrics use only images with pixel ground truth, at the model's input size (or
+    ``cfg.pixel_metric_size``); image-level-only datasets get NaN pixel metrics with a note.
+    """
+    cfg = cfg or EvalCfg()
+    df = as_manifest(manifests).reset_index(drop=True)
+    if validate_files:
+        check(df, data_root)
+    device = model.device
+    was_training = model.training
+    model.eval()
+    dataset = AnomalyDataset(df, data_root, model.transform, model.image_size)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
+    keys = list(dict.fromkeys(zip(df.dataset, df.category)))
+    pixels = {k: PixelAccumulator(fpr_limit=cfg.aupro_fpr_limit) for k in keys}
+    annotated = {k: False for k in keys}
+    scores = np.zeros(len(df), np.float64)
+    maps_dir = Path(run_dir) / "maps" if (run_dir and cfg.save_maps) else None
+
+    for batch in tqdm(loader, desc="evaluate", disable=not progress):
+        with autocast(device):
+            out = model(batch["image"].to(device), list(batch["class_name"]))
+        maps = out.pixel_scores.float()
+        masks = batch["mask"]
+        if cfg.pixel_metric_size and cfg.pixel_metric_size != maps.shape[-1]:
+            size = (cfg.pixel_metric_size,) * 2
+            maps = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+            masks = F.interpolate(masks[:, None], size=size, mode="nearest")[:, 0]
+        maps, masks = maps.clamp(0, 1).cpu().numpy(), masks.numpy()
+        for j, i in enumerate(batch["index"].tolist()):
+            scores[i] = float(out.image_scores[j])
+            key = (df.at[i, "dataset"], df.at[i, "category"])
+            if batch["has_mask"][j]:
+                pixels[key].update(maps[j], masks[j])
+                annotated[key] = True
+            if maps_dir is not None:
+                with atomic_path(maps_dir / f"{i:06d}.npz") as tmp:
+                    with open(tmp, "wb") as f:
+                        np.savez_compressed(f, map=maps[j].astype(np.float16), image=df.at[i, "image"])
+    model.train(was_training)
+
+    rows, scored = [], df[["dataset", "category", "image", "label"]].copy()
+    scored["score"], scored["threshold"], scored["decision"] = scores, np.nan, pd.NA
+    for key in keys:
+        sel = (df.dataset == key[0]).values & (df.category == key[1]).values
+        m = summarize(df.label.values[sel], scores[sel], pixels[key] if annotated[key] else None)
+        rows.append({"dataset": key[0], "category": key[1], "images": int(sel.sum()),
+                     "anomalous": int(df.label.values[sel].sum()), **m})
+        if np.isfinite(m["image_threshold"]):
+            scored.loc[sel, "threshold"] = m["image_threshold"]
+            scored.loc[sel, "decision"] = (scores[sel] >= m["image_threshold"]).astype(int)
+    metrics = _with_means(rows)
+    if run_dir is not None:
+        write_csv(Path(run_dir) / "metrics.csv", metrics)
+        write_csv(Path(run_dir) / "scores.csv", scored)
+        update_config(run_dir, model=model.cfg.to_dict(), evaluation=cfg.to_dict(),
+                      test_manifests=df.attrs.get("paths"), **weights_note(model))
+    return EvalResult(metrics, scored)
+
+
+def _with_means(rows: list[dict]) -> pd.DataFrame:
+    """Category rows, then per dataset the unweighted mean over its categories (NaN left out)."""
+    table = pd.DataFrame(rows)
+    out = []
+    for name, g in table.groupby("dataset", sort=False):
+        out.append(g)
+        if len(g) > 1:
+            out.append(pd.DataFrame([{"dataset": name, "category": "mean", "images": int(g.images.sum()),
+                                      "anomalous": int(g.anomalous.sum()), **mean_row(g.to_dict("records"), METRIC_KEYS),
+                                      "note": "unweighted mean over categories; undefined values left out"}]))
+    if table.dataset.nunique() > 1:
+        cats = table.to_dict("records")
+        out.append(pd.DataFrame([{"dataset": "all", "category": "mean", "images": int(table.images.sum()),
+                                  "anomalous": int(table.anomalous.sum()), **mean_row(cats, METRIC_KEYS),
+                                  "note": "unweighted mean over all categories; undefined values left out"}]))
+    cols = ["dataset", "category", "images", "anomalous", *METRIC_KEYS, "image_threshold", "note"]
+    return pd.concat(out, ignore_index=True).reindex(columns=cols)

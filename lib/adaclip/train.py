@@ -1,0 +1,187 @@
+"""Prompt training on an auxiliary annotated dataset (paper Sec. 3.4, reference method/trainer.py).
+
+Writes to ``run_dir``: ``train_log.csv`` (one row per step), ``checkpoints/epoch_NNN.pt`` (learnable
+parameters + config, loadable with ``AdaCLIP.load``), ``checkpoints/last.pt`` (optimizer and
+progress, for ``resume=True``), ``model.pt`` (the selected model) and ``config.json``.
+A killed run resumes from its last finished epoch and ends with the same weights as an
+uninterrupted one: the data order and every random draw of an epoch depend on (seed, epoch) only.
+"""
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .config import AdaCLIPConfig, EvalCfg, TrainCfg
+from .data import AnomalyDataset, ManifestError, check, check_disjoint
+from .evaluate import as_manifest, autocast, evaluate
+from .io import atomic_path
+from .losses import adaclip_loss
+from .model import AdaCLIP
+from .model.checkpoint import load_state, read as read_checkpoint
+from .runs import update_config, weights_note
+
+PathLike = Union[str, Path]
+LOG_FIELDS = ["epoch", "step", "loss", "image_focal", "segmentation", "lr"]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def split_validation(df: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Carve a validation split from the training data (stratified by category and label)."""
+    rng = np.random.default_rng(seed)
+    val_idx = []
+    for _, g in df.groupby(["category", "label"]):
+        n = int(round(len(g) * fraction))
+        val_idx += list(rng.choice(g.index.values, size=min(n, len(g) - 1), replace=False)) if len(g) > 1 else []
+    if not val_idx:
+        raise ManifestError(f"validation fraction {fraction} leaves no validation images; raise it or use selection='last'")
+    return df.drop(index=val_idx).reset_index(drop=True), df.loc[sorted(val_idx)].reset_index(drop=True)
+
+
+def _selection_score(result) -> float:
+    """Mean pixel F1-max over categories (the reference's criterion), else image AUROC."""
+    rows = result.metrics[result.metrics.category != "mean"]
+    for key in ("pixel_f1", "image_auroc"):
+        vals = rows[key].dropna()
+        if len(vals):
+            return float(vals.mean())
+    return float("nan")
+
+
+def train(model_cfg: Union[AdaCLIPConfig, dict], train_cfg: Union[TrainCfg, dict], train_manifests,
+          data_root: PathLike, run_dir: PathLike, *, test_manifests=None, test_root: Optional[PathLike] = None,
+          resume: bool = False, device: Optional[str] = None, progress: bool = True,
+          max_steps: Optional[int] = None) -> AdaCLIP:
+    """Train the learnable prompts and projections; returns the selected model.
+
+    ``train_manifests``: DataFrame or CSV path(s) of the auxiliary annotated data (for MVTec AD,
+    its test split, as the reference does). ``test_manifests`` are only read to refuse overlap
+    with the training data, and for ``selection="test_f1"`` (the reference's test-set selection,
+    which leaks test data into model selection: off by default). ``max_steps`` stops early
+    without finishing the epoch (smoke runs; also how the tests simulate a killed run).
+    """
+    model_cfg = AdaCLIPConfig.from_dict(model_cfg) if isinstance(model_cfg, dict) else model_cfg
+    cfg = TrainCfg.from_dict(train_cfg) if isinstance(train_cfg, dict) else train_cfg
+    run_dir, ckpt_dir = Path(run_dir), Path(run_dir) / "checkpoints"
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    train_df = as_manifest(train_manifests).reset_index(drop=True)
+    check(train_df, data_root)                       # every bad file, before any training
+    test_df = as_manifest(test_manifests) if test_manifests is not None else None
+    if test_df is not None:
+        check_disjoint(train_df, test_df)
+    val_df = None
+    if cfg.selection == "val":
+        train_df, val_df = split_validation(train_df, cfg.val_fraction, cfg.seed)
+    elif cfg.selection == "test_f1" and test_df is None:
+        raise ValueError("selection='test_f1' needs test_manifests")
+
+    seed_everything(cfg.seed)
+    model = AdaCLIP(model_cfg).to(device)
+    optimizer = torch.optim.AdamW(model.learnable_parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+    start_epoch, step, best = 0, 0, {"score": -float("inf"), "epoch": None}
+    log_path = run_dir / "train_log.csv"
+
+    last = ckpt_dir / "last.pt"
+    if resume and last.is_file():
+        state = read_checkpoint(last, map_location=device)
+        if state["model_config"] != model_cfg.to_dict():
+            raise ValueError(f"cannot resume {last}: it was trained with model config {state['model_config']}, "
+                             f"not {model_cfg.to_dict()}; use another run_dir or resume=False")
+        model.load_state_dict(state["learnable"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, step, best = state["epoch"], state["step"], state["best"]
+        if log_path.is_file():                       # drop the steps of the epoch that was cut off
+            log = pd.read_csv(log_path)
+            log = log[log.epoch <= start_epoch]
+            with atomic_path(log_path) as tmp:
+                log.to_csv(tmp, index=False)
+        print(f"resuming {run_dir} after epoch {start_epoch} (step {step})")
+    elif not resume and log_path.exists():
+        log_path.unlink()
+
+    update_config(run_dir, model=model_cfg.to_dict(), train=cfg.to_dict(),
+                  train_manifests=_sources(train_manifests), test_manifests=_sources(test_manifests),
+                  data_root=str(data_root), **weights_note(model))
+    dataset = AnomalyDataset(train_df, data_root, model.transform, model.image_size, aug_rate=cfg.aug_rate)
+    new_log = not log_path.is_file()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a", newline="") as log_file:
+        writer = csv.DictWriter(log_file, fieldnames=LOG_FIELDS)
+        if new_log:
+            writer.writeheader()
+        for epoch in range(start_epoch, cfg.epochs):
+            # every random draw of this epoch depends only on (seed, epoch): resumable
+            seed_everything(cfg.seed + epoch)
+            dataset.rng.seed(cfg.seed + epoch)
+            loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.num_workers,
+                                generator=torch.Generator().manual_seed(cfg.seed + epoch))
+            model.train()
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress)
+            running = []
+            for batch in bar:
+                if max_steps is not None and step >= max_steps:
+                    return model
+                images, masks = batch["image"].to(device), batch["mask"].to(device)
+                labels, has_mask = batch["label"].to(device), batch["has_mask"].to(device)
+                with autocast(device, cfg.amp):
+                    out = model(images, list(batch["class_name"]), return_layer_maps=True)
+                # images without pixel ground truth (image-level datasets) add no segmentation loss
+                maps = [m.float()[has_mask] for m in out.layer_maps] if has_mask.any() else []
+                loss, parts = adaclip_loss(out.image_probs.float(), maps, labels, masks[has_mask], cfg.dice)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                running.append(loss.item())
+                writer.writerow({"epoch": epoch + 1, "step": step, "loss": running[-1], **parts,
+                                 "lr": optimizer.param_groups[0]["lr"]})
+                log_file.flush()
+                bar.set_postfix(loss=f"{np.mean(running[-20:]):.4f}")
+            if cfg.selection in ("val", "test_f1"):
+                result = evaluate(model, val_df if cfg.selection == "val" else test_df,
+                                  data_root if cfg.selection == "val" else (test_root or data_root),
+                                  EvalCfg(batch_size=cfg.batch_size, aupro=False), progress=False,
+                                  validate_files=False)
+                score = _selection_score(result)
+                if score > best["score"]:
+                    best = {"score": score, "epoch": epoch + 1}
+            model.save(ckpt_dir / f"epoch_{epoch + 1:03d}.pt", epoch=epoch + 1, step=step)
+            with atomic_path(last) as tmp:
+                torch.save({"epoch": epoch + 1, "step": step, "best": best, "model_config": model_cfg.to_dict(),
+                            "learnable": model.learnable_state_dict(), "optimizer": optimizer.state_dict()}, tmp)
+
+    chosen = cfg.epochs if best["epoch"] is None else best["epoch"]
+    if chosen != cfg.epochs:
+        load_state(model, read_checkpoint(ckpt_dir / f"epoch_{chosen:03d}.pt", device)["state_dict"], chosen)
+    model.save(run_dir / "model.pt", epoch=chosen, selection=cfg.selection)
+    update_config(run_dir, selected_epoch=chosen, selection=cfg.selection, selection_score=best["score"]
+                  if best["epoch"] else None)
+    return model
+
+
+def _sources(manifests) -> Optional[list]:
+    if manifests is None:
+        return None
+    if isinstance(manifests, pd.DataFrame):
+        return manifests.attrs.get("paths", ["<DataFrame>"])
+    if isinstance(manifests, (str, Path)):
+        return [str(manifests)]
+    return [str(m) for m in manifests]
+
+
+def load_log(run_dir: PathLike) -> pd.DataFrame:
+    return pd.read_csv(Path(run_dir) / "train_log.csv")
+

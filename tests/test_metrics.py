@@ -1,0 +1,128 @@
+"""Metrics against scikit-learn and a slow, obviously-correct AUPRO written here."""
+import math
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+
+from adaclip.metrics import PixelAccumulator, image_metrics, mean_row, summarize
+
+
+def slow_aupro(masks, maps, fpr_limit=0.3):
+    """Per threshold (every distinct score): mean overlap of each 8-connected region, and FPR."""
+    regions = []                                                   # (image index, region pixels)
+    for i, m in enumerate(masks):
+        lab, n = ndimage.label(m, structure=np.ones((3, 3)))
+        regions += [(i, lab == r) for r in range(1, n + 1)]
+    normal = np.concatenate([s[m == 0] for s, m in zip(maps, masks)])
+    xs, ys = [0.0], [0.0]
+    for t in np.unique(np.concatenate([s.ravel() for s in maps]))[::-1]:
+        fpr = (normal >= t).mean()
+        pro = np.mean([(maps[i][r] >= t).mean() for i, r in regions])
+        xs.append(fpr)
+        ys.append(pro)
+    xs, ys = np.array(xs), np.array(ys)
+    inside = xs <= fpr_limit
+    x, y = xs[inside], ys[inside]
+    if x[-1] < fpr_limit and (~inside).any():
+        j = np.argmax(~inside)
+        y_at = y[-1] + (ys[j] - y[-1]) * (fpr_limit - x[-1]) / (xs[j] - x[-1])
+        x, y = np.r_[x, fpr_limit], np.r_[y, y_at]
+    return np.trapezoid(y, x) / fpr_limit
+
+
+def random_case(seed, n=4, size=24, ties=False):
+    rng = np.random.default_rng(seed)
+    masks, maps = [], []
+    for _ in range(n):
+        m = np.zeros((size, size), np.uint8)
+        for _ in range(rng.integers(0, 6)):                       # many regions, some touching
+            y, x = rng.integers(0, size - 4, 2)
+            h, w = rng.integers(1, 6, 2)
+            m[y:y + h, x:x + w] = 1
+        s = rng.random((size, size)) * 0.8 + 0.2 * m * rng.random()
+        if ties:
+            s = np.round(s, 1)                                     # heavy ties
+        masks.append(m)
+        maps.append(s.clip(0, 1))
+    if not any(m.any() for m in masks):
+        masks[0][2:5, 2:5] = 1
+    return masks, maps
+
+
+@pytest.mark.parametrize("seed, ties", [(0, False), (1, True), (2, False), (3, True), (4, False)])
+def test_pixel_metrics_match_sklearn_and_slow_aupro(seed, ties):
+    masks, maps = random_case(seed, ties=ties)
+    acc = PixelAccumulator()
+    for s, m in zip(maps, masks):
+        acc.update(s, m)
+    got, notes = acc.compute()
+    y = np.concatenate([m.ravel() for m in masks])
+    s = np.concatenate([x.ravel() for x in maps])
+    assert not notes
+    assert got["pixel_auroc"] == pytest.approx(roc_auc_score(y, s), abs=1e-5)
+    assert got["pixel_ap"] == pytest.approx(average_precision_score(y, s), abs=1e-5)
+    p, r, _ = precision_recall_curve(y, s)
+    f1 = np.nanmax(2 * p * r / np.maximum(p + r, 1e-12))
+    assert got["pixel_f1"] == pytest.approx(f1, abs=1e-5)
+    assert got["pixel_aupro"] == pytest.approx(slow_aupro(masks, maps), abs=1e-3)
+
+
+def test_aupro_known_answer():
+    # one region of 2 pixels, 8 normal pixels. Scores: region {0.9, 0.1}; normals all 0.5.
+    # threshold 0.9: fpr 0, pro 0.5; threshold 0.5: fpr 1, pro 0.5 -> the curve to fpr 0.3 is the
+    # segment from (0, 0) to (0, 0.5), then flat at 0.5: area 0.3·0.5 -> normalised 0.5.
+    m = np.zeros((2, 5), np.uint8)
+    m[0, :2] = 1
+    s = np.full((2, 5), 0.5)
+    s[0, 0], s[0, 1] = 0.9, 0.1
+    acc = PixelAccumulator()
+    acc.update(s, m)
+    assert acc.compute()[0]["pixel_aupro"] == pytest.approx(0.5, abs=1e-9)
+    perfect = PixelAccumulator()
+    perfect.update(m.astype(float), m)
+    assert perfect.compute()[0]["pixel_aupro"] == pytest.approx(1.0)
+
+
+def test_image_metrics_match_sklearn():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 50)
+    scores = rng.random(50) + 0.3 * labels
+    got, notes = image_metrics(labels, scores)
+    assert not notes
+    assert got["image_auroc"] == pytest.approx(roc_auc_score(labels, scores))
+    assert got["image_ap"] == pytest.approx(average_precision_score(labels, scores))
+    decisions = scores >= got["image_threshold"]
+    tp = (decisions & (labels == 1)).sum()
+    f1 = 2 * tp / (decisions.sum() + labels.sum())
+    assert got["image_f1"] == pytest.approx(f1)
+
+
+def test_undefined_cases_are_nan_with_a_reason():
+    values, notes = image_metrics([1, 1, 1], [0.2, 0.5, 0.9])           # Kvasir: no normal images
+    assert math.isnan(values["image_auroc"]) and "only anomalous" in notes[0]
+    row = summarize([0, 1], [0.1, 0.9], None)                          # HeadCT: no masks
+    assert math.isnan(row["pixel_aupro"]) and "no pixel annotations" in row["note"]
+    acc = PixelAccumulator()
+    acc.update(np.full((4, 4), 0.3), np.zeros((4, 4)))
+    values, notes = acc.compute()
+    assert math.isnan(values["pixel_auroc"]) and "no anomalous pixels" in notes[0]
+
+
+def test_mean_leaves_undefined_out():
+    rows = [{"a": 0.5}, {"a": float("nan")}, {"a": 1.0}]
+    assert mean_row(rows, ["a"])["a"] == 0.75
+    assert math.isnan(mean_row([{"a": float("nan")}], ["a"])["a"])
+
+
+def test_out_of_range_scores_rejected():
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        PixelAccumulator().update(np.full((2, 2), 1.5), np.ones((2, 2)))
+
+
+def test_memory_is_bounded_by_bins_not_images():
+    acc = PixelAccumulator(bins=1024)
+    for i in range(50):
+        acc.update(np.random.default_rng(i).random((64, 64)), np.eye(64))
+    assert acc.pos.nbytes + acc.neg.nbytes + acc.pro.nbytes == 3 * 1024 * 8
