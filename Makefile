@@ -7,7 +7,7 @@ PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.adaclip-installed
 RUN        ?= default
 
-.PHONY: setup run test manifests clean-run
+.PHONY: setup run test manifests strip clean-run
 
 setup: $(STAMP)
 
@@ -26,6 +26,10 @@ test: $(STAMP)
 
 manifests: $(STAMP)
 	$(PY) -m adaclip.cli manifests
+
+# notebooks are committed without outputs
+strip: $(STAMP)
+	$(PY) -m nbstripout notebooks/*.ipynb
 
 clean-run:
 	rm -rf results/$(RUN)

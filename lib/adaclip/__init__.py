@@ -7,10 +7,11 @@
 """
 from .config import AdaCLIPConfig, BackboneCfg, EvalCfg, FusionCfg, PromptCfg, TrainCfg
 from .model import AdaCLIP, AdaCLIPOutput, CheckpointError, WeightsUnavailableError, build_model
+from .predictor import AdaCLIPPredictor
 from .transforms import build_transform
 
 __all__ = [
-    "AdaCLIP", "AdaCLIPConfig", "AdaCLIPOutput", "BackboneCfg", "PromptCfg", "FusionCfg", "TrainCfg", "EvalCfg",
+    "AdaCLIP", "AdaCLIPConfig", "AdaCLIPPredictor", "AdaCLIPOutput", "BackboneCfg", "PromptCfg", "FusionCfg", "TrainCfg", "EvalCfg",
     "build_model", "build_transform", "CheckpointError", "WeightsUnavailableError",
 ]
 __version__ = "0.1.0"

@@ -5,6 +5,8 @@
     adaclip validate m.csv --root data              every problem in a manifest
     adaclip sources                                 where each dataset comes from
     adaclip download mvtec --root data              resumable, checksummed download + extract
+    adaclip train --train sample/mvtec.csv --root sample --run r --backbone adaclip-tiny --pretrained none --image-size 64
+    adaclip evaluate --checkpoint results/r/model.pt --test sample/visa.csv --root sample --run r
     adaclip pipeline --run default                  run notebooks 00-03 with papermill
 """
 from __future__ import annotations
@@ -58,10 +60,51 @@ def _download(args) -> int:
     return 0
 
 
+def _model_cfg(args):
+    from .config import AdaCLIPConfig
+
+    return AdaCLIPConfig.from_params(args.backbone, args.pretrained, args.image_size, args.prompt_depth,
+                                     args.prompt_length, args.prompt_type, args.prompt_branch, not args.no_hsf,
+                                     args.k_clusters)
+
+
+def _train(args) -> int:
+    from .config import TrainCfg
+    from .data.registry import RESULTS_DIR, resolve_manifest, resolve_root
+    from .train import train
+
+    cfg = TrainCfg(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, selection=args.selection)
+    train(_model_cfg(args), cfg, [resolve_manifest(m) for m in args.train], resolve_root(args.root),
+          RESULTS_DIR / args.run, resume=args.resume,
+          test_manifests=[resolve_manifest(m) for m in args.test] if args.test else None)
+    print(f"model: {RESULTS_DIR / args.run / 'model.pt'}")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from . import AdaCLIP, AdaCLIPConfig, EvalCfg
+    from .data.registry import RESULTS_DIR, resolve_manifest, resolve_root
+    from .evaluate import evaluate
+
+    if args.official:
+        model = AdaCLIP.from_config(AdaCLIPConfig()).load_official_checkpoint(args.checkpoint)
+    else:
+        model = AdaCLIP.load(args.checkpoint, **({"pretrained": args.pretrained} if args.pretrained else {}))
+    result = evaluate(model, [resolve_manifest(m) for m in args.test], resolve_root(args.root),
+                      EvalCfg(batch_size=args.batch_size, save_maps=args.save_maps), run_dir=RESULTS_DIR / args.run)
+    print(result.metrics.round(4).to_string(index=False))
+    return 0
+
+
 def _pipeline(args) -> int:
     from .pipeline import run_pipeline
 
-    params = dict(kv.split("=", 1) for kv in args.param)
+    params = {}
+    if args.params_file:
+        import yaml
+
+        params.update(yaml.safe_load(open(args.params_file)) or {})
+    params.update(dict(kv.split("=", 1) for kv in args.param))
     run_pipeline(args.run, params=params, notebooks_to_run=args.notebooks or None, force=args.force)
     return 0
 
@@ -95,10 +138,44 @@ def main(argv=None) -> int:
     d.add_argument("--root", default=None)
     d.set_defaults(fn=_download)
 
+    t = sub.add_parser("train", help="train prompts on annotated manifests")
+    t.add_argument("--train", nargs="+", required=True, help="training manifests (e.g. sample/mvtec.csv)")
+    t.add_argument("--test", nargs="*", help="test manifests: only checked for overlap")
+    t.add_argument("--root", default=None)
+    t.add_argument("--run", required=True, help="results/<run>/")
+    t.add_argument("--backbone", default="ViT-L-14-336")
+    t.add_argument("--pretrained", default="openai", help="open_clip tag, weights file, or 'none'")
+    t.add_argument("--image-size", type=int, default=518)
+    t.add_argument("--prompt-depth", type=int, default=4)
+    t.add_argument("--prompt-length", type=int, default=5)
+    t.add_argument("--prompt-type", default="SD")
+    t.add_argument("--prompt-branch", default="VL")
+    t.add_argument("--no-hsf", action="store_true")
+    t.add_argument("--k-clusters", type=int, default=20)
+    t.add_argument("--epochs", type=int, default=5)
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--lr", type=float, default=0.01)
+    t.add_argument("--seed", type=int, default=111)
+    t.add_argument("--selection", default="last", choices=["last", "val", "test_f1"])
+    t.add_argument("--resume", action="store_true")
+    t.set_defaults(fn=_train)
+
+    e = sub.add_parser("evaluate", help="zero-shot evaluation of a checkpoint")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--official", action="store_true", help="an official AdaCLIP release file")
+    e.add_argument("--pretrained", default=None, help="override the checkpoint's CLIP weights (a file)")
+    e.add_argument("--test", nargs="+", required=True)
+    e.add_argument("--root", default=None)
+    e.add_argument("--run", required=True)
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--save-maps", action="store_true")
+    e.set_defaults(fn=_evaluate)
+
     r = sub.add_parser("pipeline", help="run the notebooks headless with papermill")
     r.add_argument("--run", default="default", help="run name: results/<run>/")
     r.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                    help="notebook parameter (repeatable), e.g. -p epochs=5")
+    r.add_argument("--params-file", default=None, help="YAML file of notebook parameters (e.g. notebooks/params/paper.yaml)")
     r.add_argument("--notebooks", nargs="*", help="subset of notebooks to run (default: all, in order)")
     r.add_argument("--force", action="store_true", help="rerun notebooks that already finished")
     r.set_defaults(fn=_pipeline)

@@ -112,6 +112,15 @@ class AdaCLIPConfig(_DictMixin):
     fusion: FusionCfg = field(default_factory=FusionCfg)
 
     @classmethod
+    def from_params(cls, backbone: str = "ViT-L-14-336", pretrained: Optional[str] = "openai", image_size: int = 518,
+                    prompt_depth: int = 4, prompt_length: int = 5, prompt_type: str = "SD", prompt_branch: str = "VL",
+                    use_hsf: bool = True, k_clusters: int = 20) -> "AdaCLIPConfig":
+        """From the flat literals of a notebook's parameters cell."""
+        return cls(backbone=BackboneCfg(name=backbone, pretrained=pretrained, image_size=image_size),
+                   prompts=PromptCfg(depth=prompt_depth, length=prompt_length, type=prompt_type, branch=prompt_branch),
+                   fusion=FusionCfg(use_hsf=use_hsf, k_clusters=k_clusters))
+
+    @classmethod
     def tiny(cls, **backbone_overrides) -> "AdaCLIPConfig":
         """A tiny randomly initialised ViT for tests, CI and smoke runs (scores are meaningless)."""
         bb = dict(name="adaclip-tiny", pretrained=None, image_size=32)

@@ -1,8 +1,9 @@
 """Run the notebooks in order, headless, with papermill: ``make run`` / ``adaclip pipeline``.
 
 Executed copies go to ``results/<run>/``; each notebook gets ``run_name`` plus those of the given
-parameters that its ``parameters`` cell defines. A notebook whose executed copy already exists and
-finished is skipped, so a killed pipeline resumes where it stopped (``force=True`` reruns all).
+parameters that its ``parameters`` cell defines. A notebook whose executed copy finished with the
+same parameters is skipped, so a killed pipeline resumes where it stopped (``force=True`` reruns all;
+training itself resumes from its last epoch).
 """
 from __future__ import annotations
 
@@ -10,10 +11,9 @@ import json
 from pathlib import Path
 from typing import Iterable, Optional
 
-from .data.registry import REPO_ROOT
+from .data.registry import REPO_ROOT, RESULTS_DIR
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
-RESULTS_DIR = REPO_ROOT / "results"
 
 
 def notebooks() -> list[Path]:
@@ -29,17 +29,20 @@ def _coerce(value: str):
         return {"none": None, "true": True, "false": False}.get(str(value).lower(), value)
 
 
-def _finished(path: Path) -> bool:
+def _finished(path: Path, parameters: dict) -> bool:
+    """The executed copy ran to the end with the same parameters."""
     if not path.is_file():
         return False
     nb = json.loads(path.read_text())
-    return nb.get("metadata", {}).get("papermill", {}).get("exception") is False and \
+    meta = nb.get("metadata", {}).get("papermill", {})
+    return "exception" in meta and not meta["exception"] and meta.get("parameters") == parameters and \
         all(c.get("metadata", {}).get("papermill", {}).get("status") == "completed"
             for c in nb.get("cells", []) if c.get("cell_type") == "code")
 
 
 def run_pipeline(run: str = "default", params: Optional[dict] = None, notebooks_to_run: Optional[Iterable[str]] = None,
-                 force: bool = False, kernel: str = "python3", **kwargs) -> list[Path]:
+                 force: bool = False, kernel: str = "python3", results_dir: Optional[Path] = None,
+                 **kwargs) -> list[Path]:
     import papermill as pm
 
     params = {k: _coerce(v) if isinstance(v, str) else v for k, v in (params or {}).items()}
@@ -47,17 +50,19 @@ def run_pipeline(run: str = "default", params: Optional[dict] = None, notebooks_
     if notebooks_to_run:
         wanted = list(notebooks_to_run)
         chosen = [p for p in chosen if p.name in wanted or p.stem in wanted or p.stem[:2] in wanted]
-    out_dir = RESULTS_DIR / run
+    results_dir = Path(results_dir or RESULTS_DIR).resolve()
+    params.setdefault("results_dir", str(results_dir))
+    out_dir = results_dir / run
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for nb in chosen:
         out = out_dir / nb.name
-        if not force and _finished(out):
-            print(f"[pipeline] {nb.name}: already done in {out}, skipped (force=True reruns)")
+        declared = set(pm.inspect_notebook(str(nb)))
+        given = {"run_name": run, **{k: v for k, v in params.items() if k in declared}}
+        if not force and _finished(out, given):
+            print(f"[pipeline] {nb.name}: already done with these parameters in {out}, skipped (force=True reruns)")
             written.append(out)
             continue
-        declared = {p for p in pm.inspect_notebook(str(nb))}
-        given = {"run_name": run, **{k: v for k, v in params.items() if k in declared}}
         print(f"[pipeline] {nb.name} -> {out} with {given}")
         pm.execute_notebook(str(nb), str(out), parameters=given, kernel_name=kernel, cwd=str(NOTEBOOK_DIR),
                             progress_bar=False, **kwargs)

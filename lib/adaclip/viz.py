@@ -77,18 +77,21 @@ def loss_curve(log: pd.DataFrame) -> Figure:
 
 
 def anomaly_maps(images: Sequence[np.ndarray], maps: Sequence[np.ndarray], masks: Sequence[Optional[np.ndarray]],
-                 titles: Sequence[str]) -> Figure:
+                 titles: Sequence[str], title: str = "") -> Figure:
     """Columns of (image + mask, image + anomaly map)."""
     n = len(images)
     fig, axes = plt.subplots(2, n, figsize=(2.2 * n, 4.6), squeeze=False)
     for i in range(n):
         overlay(axes[0, i], images[i], masks[i], title=titles[i])
         overlay(axes[1, i], images[i], masks[i], heat=maps[i], title="anomaly map")
+    if title:
+        fig.suptitle(title, fontsize=9, color="darkred")
     fig.tight_layout()
     return fig
 
 
-def metrics_plot(metrics: pd.DataFrame, columns: Sequence[str] = ("image_auroc", "pixel_auroc", "pixel_aupro")) -> Figure:
+def metrics_plot(metrics: pd.DataFrame, columns: Sequence[str] = ("image_auroc", "pixel_auroc", "pixel_aupro"),
+                 title: str = "") -> Figure:
     """Grouped bars of the chosen metrics per dataset/category; undefined (NaN) values are left blank."""
     rows = metrics[metrics.category != "mean"] if "category" in metrics else metrics
     long = rows.melt(id_vars=["dataset", "category"], value_vars=[c for c in columns if c in rows],
@@ -99,8 +102,28 @@ def metrics_plot(metrics: pd.DataFrame, columns: Sequence[str] = ("image_auroc",
     ax.set_ylim(0, 1)
     ax.set_xlabel("")
     ax.tick_params(axis="x", rotation=30)
+    if title:
+        ax.set_title(title, fontsize=9, color="darkred")
     fig.tight_layout()
     return fig
+
+
+def score_distributions(scores: pd.DataFrame, title: str = "") -> Figure:
+    """Image-score histograms of normal vs anomalous images, one panel per dataset."""
+    data = scores.assign(state=scores.label.map({0: "normal", 1: "anomalous"}))
+    names = list(dict.fromkeys(data.dataset))
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.8), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        sns.histplot(data=data[data.dataset == name], x="score", hue="state", hue_order=["normal", "anomalous"],
+                     bins=20, stat="density", common_norm=False, element="step", ax=ax)
+        ax.set_title(name)
+    if title:
+        fig.suptitle(title, fontsize=9, color="darkred")
+    fig.tight_layout()
+    return fig
+
+
+RANDOM_WEIGHTS = "random backbone weights: these numbers say nothing about detection quality"
 
 
 def save(fig: Figure, path: Union[str, Path], dpi: int = 120) -> Path:

@@ -1,0 +1,37 @@
+"""The command line is a thin wrapper: each subcommand runs end to end on the embedded sample."""
+import pandas as pd
+import pytest
+
+from adaclip import cli
+from adaclip.data.registry import RESULTS_DIR
+
+
+def test_manifest_validate_sources(tmp_path, capsys):
+    out = tmp_path / "m.csv"
+    assert cli.main(["manifest", "kvasir", "--root", "sample", "--out", str(out)]) == 0
+    assert len(pd.read_csv(out)) == 5
+    assert cli.main(["validate", str(out), "--root", "sample"]) == 0
+    assert cli.main(["validate", str(out), "--root", str(tmp_path)]) == 1       # wrong root: files missing
+    assert "does not exist" in capsys.readouterr().out
+    assert cli.main(["sources"]) == 0
+    assert "mvtec" in capsys.readouterr().out
+
+
+def test_train_then_evaluate(capsys):
+    run = "_pytest_cli"
+    try:
+        assert cli.main(["train", "--train", "sample/mvtec.csv", "--root", "sample", "--run", run, "--backbone",
+                         "adaclip-tiny", "--pretrained", "none", "--image-size", "32", "--prompt-depth", "2",
+                         "--prompt-length", "2", "--k-clusters", "3", "--epochs", "1", "--batch-size", "8"]) == 0
+        assert (RESULTS_DIR / run / "model.pt").is_file()
+        assert cli.main(["evaluate", "--checkpoint", str(RESULTS_DIR / run / "model.pt"), "--test", "sample/kvasir.csv",
+                         "--root", "sample", "--run", run]) == 0
+        assert "kvasir" in capsys.readouterr().out
+    finally:
+        import shutil
+        shutil.rmtree(RESULTS_DIR / run, ignore_errors=True)
+
+
+def test_unknown_dataset_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown dataset"):
+        cli.main(["manifest", "imagenet", "--root", "sample", "--out", "/tmp/x.csv"])
