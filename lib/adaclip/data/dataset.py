@@ -1,0 +1,82 @@
+"""A torch Dataset over manifest rows: image tensors at the model's size, binary masks."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .images import ImageError, load_image, load_mask
+from .manifest import ManifestError, pixel_annotated
+
+
+class AnomalyDataset(Dataset):
+    """Items: dict(image (3, S, S), mask (S, S) float {0, 1}, label, class_name, has_mask, index).
+
+    ``has_mask`` is False for rows without pixel ground truth (image-level datasets such as
+    HeadCT), so pixel metrics can skip them instead of scoring them as all-normal.
+    ``aug_rate``: probability of a 2x2 mosaic of four same-category images (reference option).
+    """
+
+    def __init__(self, manifest: pd.DataFrame, root: Union[str, Path], transform: Callable,
+                 image_size: int, aug_rate: float = 0.0, seed: int = 0):
+        self.df = manifest.reset_index(drop=True)
+        self.root = Path(root)
+        self.transform, self.size = transform, image_size
+        self.aug_rate, self.rng = aug_rate, random.Random(seed)
+        annotated = pixel_annotated(self.df) if len(self.df) else {}
+        self.has_mask = [bool(r.mask) or (r.label == 0 and annotated.get(r.dataset, False))
+                         for r in self.df.itertuples()]
+
+    def __len__(self) -> int:
+        return len(self.df)
+
+    def _load(self, i: int) -> tuple[Image.Image, np.ndarray]:
+        row = self.df.iloc[i]
+        where = f"{self.df.attrs.get('path', 'manifest')} row {i + 2}"
+        try:
+            image = load_image(self.root / row["image"])
+            if row["mask"]:
+                mask = load_mask(self.root / row["mask"])
+                if mask.shape != (image.height, image.width):
+                    raise ImageError(f"mask {row['mask']} is {mask.shape[1]}x{mask.shape[0]} but image "
+                                     f"{row['image']} is {image.width}x{image.height}")
+            else:
+                mask = np.zeros((image.height, image.width), np.uint8)
+        except ImageError as e:
+            raise ManifestError(f"{where}: {e}") from e
+        return image, mask
+
+    def _mosaic(self, i: int) -> tuple[Image.Image, np.ndarray, int]:
+        same = self.df.index[self.df["category"] == self.df.at[i, "category"]].tolist()
+        picks = [i] + self.rng.sample(same, 3) if len(same) >= 3 else [i] * 4
+        tiles = [self._load(j) for j in picks]
+        w, h = tiles[0][0].size
+        canvas, mask = Image.new("RGB", (2 * w, 2 * h)), np.zeros((2 * h, 2 * w), np.uint8)
+        for k, (im, m) in enumerate(tiles):
+            x, y = (k % 2) * w, (k // 2) * h
+            canvas.paste(im.resize((w, h)), (x, y))
+            mask[y:y + h, x:x + w] = np.asarray(Image.fromarray(m).resize((w, h), Image.NEAREST))
+        return canvas, mask, int(self.df.loc[picks, "label"].max())
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.df.iloc[i]
+        if self.aug_rate > 0 and self.rng.random() < self.aug_rate:
+            image, mask, label = self._mosaic(i)
+        else:
+            image, mask = self._load(i)
+            label = int(row["label"])
+        mask = Image.fromarray(mask * 255).resize((self.size, self.size), Image.NEAREST)
+        return {
+            "image": self.transform(image),
+            "mask": torch.from_numpy((np.asarray(mask) > 127).astype(np.float32)),
+            "label": label,
+            "class_name": row["category"],
+            "has_mask": self.has_mask[i],
+            "index": i,
+        }

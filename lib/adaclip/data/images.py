@@ -1,0 +1,59 @@
+"""Reading images and masks as real datasets store them.
+
+Images: grayscale, RGBA, palette and 16-bit files become 8-bit RGB. Masks: 0/1, 0/255, instance
+ids, 3-channel and JPEG-compressed masks all become {0, 1}: any non-zero pixel is anomalous,
+except in lossy (JPEG) masks, whose compression noise is cut at half the range.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+LOSSY = (".jpg", ".jpeg")
+
+
+class ImageError(ValueError):
+    """An image or mask file that cannot be used; names the file."""
+
+
+def _open(path: Path, what: str) -> Image.Image:
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{what} {path} does not exist")
+    if path.stat().st_size == 0:
+        raise ImageError(f"{what} {path} is empty; re-download it or drop its manifest row")
+    try:
+        im = Image.open(path)
+        im.load()
+        return im
+    except Exception as e:
+        raise ImageError(f"{what} {path} cannot be decoded ({type(e).__name__}: {e}); re-download it") from e
+
+
+def load_image(path) -> Image.Image:
+    """Any image file -> 8-bit RGB PIL image."""
+    im = _open(path, "image")
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        hi = a.max()
+        a = a / hi * 255.0 if hi > 0 else a
+        im = Image.fromarray(a.round().clip(0, 255).astype(np.uint8))
+    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (0, 0, 0, 255))
+        im = Image.alpha_composite(background, im)
+    return im.convert("RGB")
+
+
+def load_mask(path) -> np.ndarray:
+    """Any mask file -> (H, W) uint8 array of {0, 1}."""
+    im = _open(path, "mask")
+    a = np.asarray(im)
+    if a.ndim == 3:
+        a = a.max(axis=2)                     # RGB / RGBA masks: anomalous in any channel
+    if Path(path).suffix.lower() in LOSSY:
+        hi = 65535 if a.dtype == np.uint16 else 255
+        return (a > hi // 2).astype(np.uint8)
+    return (a > 0).astype(np.uint8)

@@ -1,0 +1,145 @@
+"""CSV manifests: one row per image, paths relative to a data root given at run time.
+
+Columns (see data_manifests/README.md):
+    dataset, category, split, label, image, mask, defect_type
+label is 0 (normal) or 1 (anomalous); mask is empty when the image has no pixel annotation
+(normal images of pixel-annotated datasets need none: their mask is all zeros).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Optional, Union
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from ..io import write_csv
+
+COLUMNS = ["dataset", "category", "split", "label", "image", "mask", "defect_type"]
+DATA_ROOT_ENV = "ADACLIP_DATA_ROOT"
+
+
+class ManifestError(ValueError):
+    """A manifest (or a file it names) that cannot be used; the message says which and why."""
+
+
+def data_root(root: Union[str, Path, None] = None) -> Path:
+    """The data root: the argument, else $ADACLIP_DATA_ROOT, else ./data."""
+    return Path(root or os.environ.get(DATA_ROOT_ENV) or "data").expanduser()
+
+
+def make_manifest(rows: Iterable[dict]) -> pd.DataFrame:
+    """Rows -> a manifest DataFrame in canonical column order, sorted for stable files."""
+    df = pd.DataFrame(list(rows), columns=COLUMNS)
+    df["mask"] = df["mask"].fillna("")
+    df["defect_type"] = df["defect_type"].fillna("")
+    df["label"] = df["label"].astype(int)
+    return df.sort_values(["dataset", "category", "split", "image"], kind="stable").reset_index(drop=True)
+
+
+def write_manifest(df: pd.DataFrame, path: Union[str, Path]) -> Path:
+    write_csv(path, df[COLUMNS])
+    return Path(path)
+
+
+def read_manifest(path: Union[str, Path]) -> pd.DataFrame:
+    """Read and check the columns and labels of a manifest CSV (files are checked by `validate`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"manifest {path} does not exist; build it with `adaclip manifests` "
+                            f"or adaclip.data.build_manifest(...)")
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise ManifestError(f"manifest {path} lacks column(s) {missing}; expected columns {COLUMNS}")
+    bad = [f"row {i + 2}: label {v!r}" for i, v in enumerate(df["label"]) if v.strip() not in ("0", "1")]
+    if bad:
+        raise ManifestError(f"manifest {path}: labels must be 0 (normal) or 1 (anomalous); " + "; ".join(bad[:10]))
+    absolute = [f"row {i + 2}: {p}" for i, p in enumerate(df["image"]) if os.path.isabs(p)]
+    if absolute:
+        raise ManifestError(f"manifest {path}: paths must be relative to the data root; " + "; ".join(absolute[:10]))
+    df["label"] = df["label"].astype(int)
+    df.attrs["path"] = str(path)
+    df.attrs["paths"] = [str(path)]
+    return df
+
+
+def read_manifests(paths: Union[str, Path, Iterable[Union[str, Path]]]) -> pd.DataFrame:
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    df = pd.concat([read_manifest(p) for p in paths], ignore_index=True)
+    df.attrs = {"path": ", ".join(map(str, paths)), "paths": [str(p) for p in paths]}
+    return df
+
+
+def pixel_annotated(df: pd.DataFrame) -> pd.Series:
+    """Per dataset: True when its anomalous images come with masks (pixel metrics make sense)."""
+    return df.groupby("dataset")["mask"].apply(lambda m: bool((m != "").any()))
+
+
+def validate(df: pd.DataFrame, root: Union[str, Path], deep: bool = True) -> list[str]:
+    """Every problem in a manifest, as readable lines (empty list: all good).
+
+    Checks labels, that each image and mask exists, is non-empty and decodes (``deep``), that
+    mask and image sizes agree, and that anomalous images of pixel-annotated datasets have masks.
+    """
+    root = Path(root)
+    name = df.attrs.get("path", "manifest")
+    problems = []
+    annotated = pixel_annotated(df) if len(df) else {}
+    for i, row in enumerate(df.itertuples(index=False)):
+        where = f"{name} row {i + 2}"
+        if str(row.label) not in ("0", "1"):
+            problems.append(f"{where}: label {row.label!r} is not 0 or 1")
+        size = _check_file(root / row.image, f"{where}: image", deep, problems)
+        if row.mask:
+            msize = _check_file(root / row.mask, f"{where}: mask", deep, problems)
+            if size and msize and size != msize:
+                problems.append(f"{where}: mask {row.mask} is {msize[0]}x{msize[1]} but image {row.image} is "
+                                f"{size[0]}x{size[1]}; masks must match their image")
+        elif int(row.label) == 1 and annotated.get(row.dataset, False):
+            problems.append(f"{where}: anomalous image {row.image} has no mask although dataset "
+                            f"{row.dataset} is pixel-annotated")
+    return problems
+
+
+def check(df: pd.DataFrame, root: Union[str, Path], deep: bool = True) -> None:
+    """Raise ManifestError listing every problem that `validate` finds."""
+    problems = validate(df, root, deep)
+    if problems:
+        raise ManifestError(f"{len(problems)} problem(s) with the data under {root}:\n  " + "\n  ".join(problems))
+
+
+def _check_file(path: Path, what: str, deep: bool, problems: list) -> Optional[tuple]:
+    if not path.is_file():
+        problems.append(f"{what} {path} does not exist (is the data root right?)")
+        return None
+    if path.stat().st_size == 0:
+        problems.append(f"{what} {path} is empty; re-download or remove it from the manifest")
+        return None
+    try:
+        with Image.open(path) as im:
+            size = im.size
+            if deep:
+                im.load()
+        return size
+    except Exception as e:
+        problems.append(f"{what} {path} cannot be decoded ({type(e).__name__}: {e}); re-download it")
+        return None
+
+
+def check_disjoint(train: pd.DataFrame, test: pd.DataFrame, allow_overlap: bool = False) -> None:
+    """Zero-shot means unseen data: refuse train/test manifests that share an image."""
+    shared = sorted(set(train["image"]) & set(test["image"]))
+    if shared and not allow_overlap:
+        raise ManifestError(f"{len(shared)} image(s) are in both the training and the test manifests "
+                            f"(e.g. {shared[:3]}); zero-shot evaluation needs unseen data. Pass "
+                            f"allow_overlap=True only if you mean it.")
+
+
+def counts(df: pd.DataFrame) -> pd.DataFrame:
+    """Images per dataset / category / split / label, with a mask count."""
+    g = df.assign(has_mask=df["mask"] != "").groupby(["dataset", "category", "split", "label"])
+    return g.agg(images=("image", "size"), masks=("has_mask", "sum")).reset_index()
+

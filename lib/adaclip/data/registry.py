@@ -1,0 +1,57 @@
+"""The manifests committed in ``data_manifests/`` and the data roots they are relative to.
+
+``regenerate()`` rebuilds them all from the adapters (``make manifests``); a test checks that the
+committed files equal what the adapters produce.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Union
+
+from .manifest import data_root
+from .sample import SAMPLE_ROOT
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+MANIFEST_DIR = REPO_ROOT / "data_manifests"
+RESULTS_DIR = REPO_ROOT / "results"
+SHARED_ENV = "ADACLIP_SHARED_DATA"
+
+# manifest file (under data_manifests/) -> (adapter, named data root, folder under that root)
+COMMITTED = {
+    f"{root}/{name}.csv": (name, root, folder)
+    for root, folders in {
+        "sample": {"mvtec": "mvtec", "visa": "visa", "glass": "glass", "headct": "headct", "kvasir": "kvasir"},
+        "shared": {"mvtec": "mvtec", "visa": "visa", "glass": "glass", "headct": "headct", "kvasir": "kvasir_mini"},
+    }.items()
+    for name, folder in folders.items()
+}
+
+
+def resolve_root(root: Union[str, Path, None]) -> Path:
+    """Named roots: ``"sample"`` (embedded), ``"shared"`` (../shared/datasets beside the repo,
+    or $ADACLIP_SHARED_DATA); anything else is a path (default $ADACLIP_DATA_ROOT or ./data)."""
+    if root == "sample":
+        return SAMPLE_ROOT
+    if root == "shared":
+        return Path(os.environ.get(SHARED_ENV) or REPO_ROOT.parent / "shared" / "datasets")
+    return data_root(root)
+
+
+def resolve_manifest(path: Union[str, Path]) -> Path:
+    """A manifest path as given, or relative to data_manifests/ (e.g. ``"sample/mvtec.csv"``)."""
+    p = Path(path)
+    return p if p.is_file() or p.is_absolute() else MANIFEST_DIR / p
+
+
+def regenerate(out_dir: Union[str, Path] = MANIFEST_DIR, skip_missing: bool = True) -> list[Path]:
+    """Rebuild every committed manifest whose data root exists; returns the files written."""
+    from . import build_manifest, write_manifest
+
+    written = []
+    for rel, (adapter, root_name, folder) in COMMITTED.items():
+        root = resolve_root(root_name)
+        if skip_missing and not (root / folder).exists():
+            continue
+        written.append(write_manifest(build_manifest(adapter, root, folder=folder), Path(out_dir) / rel))
+    return written
