@@ -126,3 +126,19 @@ def test_bad_images(tiny_model, images, bad, match):
 def test_mismatched_class_names(tiny_model, images):
     with pytest.raises(ValueError, match="one per image"):
         tiny_model(images, ["bottle", "screw"])
+
+
+@pytest.mark.parametrize("name, size, layers, trainable", [
+    ("ViT-B-16", 240, (3, 6, 9, 12), 5_146_368), ("ViT-B-32", 224, (3, 6, 9, 12), 5_146_368),
+    ("ViT-L-14", 336, (6, 12, 18, 24), 10_665_472), ("ViT-L-14-336", 518, (6, 12, 18, 24), 10_665_472)])
+def test_real_architectures_shapes_on_meta_device(name, size, layers, trainable):
+    """The real open_clip ViTs at non-native sizes: shapes through the whole forward, no weights."""
+    cfg = AdaCLIPConfig(backbone=BackboneCfg(name=name, pretrained=None, image_size=size),
+                        fusion=FusionCfg(use_hsf=False, smoothing_sigma=0))
+    with torch.device("meta"):
+        model = AdaCLIP(cfg, device="meta")
+        out = model(torch.empty(2, 3, size, size), ["bottle", "screw"], return_layer_maps=True)
+    assert model.out_layers == layers
+    assert out.pixel_scores.shape == (2, size, size) and out.image_scores.shape == (2,)
+    assert all(m.shape == (2, 2, size, size) for m in out.layer_maps)
+    assert sum(p.numel() for p in model.learnable_parameters()) == trainable

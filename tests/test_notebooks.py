@@ -6,8 +6,10 @@ import nbformat
 import pandas as pd
 import papermill as pm
 import pytest
+import yaml
 
-from adaclip.pipeline import notebooks, run_pipeline
+from adaclip.data.registry import resolve_root
+from adaclip.pipeline import NOTEBOOK_DIR, notebooks, run_pipeline
 
 NOTEBOOKS = notebooks()
 
@@ -50,3 +52,15 @@ def test_pipeline_runs_headless(tmp_path):
     # changed parameters rerun the notebooks that take them
     run_pipeline("smoke", params={"epochs": 1, "n_examples": 2}, results_dir=tmp_path, notebooks_to_run=["02"])
     assert (run / "02_evaluation.ipynb").stat().st_mtime_ns != before
+
+
+@pytest.mark.skipif(not resolve_root("shared").is_dir(), reason="../shared/datasets not present")
+def test_pipeline_on_the_shared_subsets(tmp_path):
+    """Train on the shared MVTec AD subsets, evaluate on VisA, GLASS, HeadCT and Kvasir (random weights)."""
+    params = yaml.safe_load((NOTEBOOK_DIR / "params" / "shared.yaml").read_text())
+    run_pipeline("shared", params=params, results_dir=tmp_path)
+    metrics = pd.read_csv(tmp_path / "shared" / "metrics.csv").set_index(["dataset", "category"])
+    assert {("visa", "capsules"), ("visa", "macaroni1"), ("glass", "glass"), ("headct", "headct"),
+            ("kvasir", "kvasir")} <= set(metrics.index)
+    assert metrics.loc[("headct", "headct"), "pixel_auroc"] != metrics.loc[("headct", "headct"), "pixel_auroc"]  # NaN
+    assert metrics.loc[("visa", "capsules"), "images"] == 160
