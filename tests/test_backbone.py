@@ -91,3 +91,20 @@ def test_offline_tag_gives_clear_error(monkeypatch, tmp_path):
         build_clip(BackboneCfg(name="ViT-B-32", pretrained="openai", image_size=224), device="meta")
     msg = str(err.value)
     assert "ViT-B-32" in msg and "'openai'" in msg and WEIGHTS_ENV in msg and "pretrained=" in msg
+
+
+def test_openai_weights_run_with_quick_gelu():
+    # OpenAI's CLIP was trained with QuickGELU (open_clip's plain configs use GELU)
+    with torch.device("meta"):
+        clip = build_clip(BackboneCfg(name="ViT-B-32", pretrained=None, image_size=224), device="meta")
+    assert type(clip.visual.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
+    tiny = build_clip(BackboneCfg(name="adaclip-tiny", pretrained=None, image_size=32))
+    assert type(tiny.visual.transformer.resblocks[0].mlp.gelu).__name__ == "GELU"
+
+
+def test_random_init_is_seeded_by_config():
+    a = build_clip(BackboneCfg(name="adaclip-tiny", pretrained=None, image_size=32))
+    b = build_clip(BackboneCfg(name="adaclip-tiny", pretrained=None, image_size=32))
+    c = build_clip(BackboneCfg(name="adaclip-tiny", pretrained=None, image_size=32, init_seed=1))
+    assert torch.equal(a.visual.conv1.weight, b.visual.conv1.weight)
+    assert not torch.equal(a.visual.conv1.weight, c.visual.conv1.weight)

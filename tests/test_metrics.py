@@ -126,3 +126,14 @@ def test_memory_is_bounded_by_bins_not_images():
     for i in range(50):
         acc.update(np.random.default_rng(i).random((64, 64)), np.eye(64))
     assert acc.pos.nbytes + acc.neg.nbytes + acc.pro.nbytes == 3 * 1024 * 8
+
+
+def test_aupro_can_be_skipped():
+    masks, maps = random_case(0)
+    fast, full = PixelAccumulator(aupro=False), PixelAccumulator()
+    for s, m in zip(maps, masks):
+        fast.update(s, m)
+        full.update(s, m)
+    (a, notes), (b, _) = fast.compute(), full.compute()
+    assert math.isnan(a["pixel_aupro"]) and "not computed" in notes[0]
+    assert a["pixel_auroc"] == b["pixel_auroc"]

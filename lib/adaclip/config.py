@@ -141,8 +141,7 @@ class TrainCfg(_DictMixin):
     aug_rate: float = 0.0               # probability of a 2x2 same-class mosaic
     selection: str = "last"             # "last", "val" (split of the training data), "test_f1" (reference leak)
     val_fraction: float = 0.1           # used when selection == "val"
-    amp: bool = True                    # autocast, CUDA only
-    log_every: int = 1
+    amp: bool = True                    # autocast (bf16), CUDA only
 
     def __post_init__(self):
         if self.dice not in ("per_image", "per_row"):
@@ -157,11 +156,10 @@ class TrainCfg(_DictMixin):
 class EvalCfg(_DictMixin):
     batch_size: int = 8
     num_workers: int = 0
-    aupro: bool = True
+    aupro: bool = True                  # region labelling costs time; off for validation during training
     aupro_fpr_limit: float = 0.3
     save_maps: bool = False             # compressed anomaly maps (npz) in the run folder
     pixel_metric_size: Optional[int] = None  # None: evaluate maps at the model's input size
-    max_pixels_per_class: int = 0       # 0: every pixel; else a seeded subsample for AUROC/AP/F1
 
 
 _NESTED: dict[tuple[str, str], Any] = {

@@ -57,7 +57,7 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
     dataset = AnomalyDataset(df, data_root, model.transform, model.image_size)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
     keys = list(dict.fromkeys(zip(df.dataset, df.category)))
-    pixels = {k: PixelAccumulator(fpr_limit=cfg.aupro_fpr_limit) for k in keys}
+    pixels = {k: PixelAccumulator(fpr_limit=cfg.aupro_fpr_limit, aupro=cfg.aupro) for k in keys}
     annotated = {k: False for k in keys}
     scores = np.zeros(len(df), np.float64)
     maps_dir = Path(run_dir) / "maps" if (run_dir and cfg.save_maps) else None

@@ -54,6 +54,7 @@ class PixelAccumulator:
     """
     bins: int = 2 ** 20
     fpr_limit: float = 0.3
+    aupro: bool = True                       # False: skip region labelling (pixel_aupro is NaN)
     pos: np.ndarray = field(init=False)
     neg: np.ndarray = field(init=False)
     pro: np.ndarray = field(init=False)      # Σ 1/|region| of anomalous pixels per bin
@@ -80,7 +81,7 @@ class PixelAccumulator:
         b = self._bin(anomaly_map)
         self.pos += np.bincount(b[mask], minlength=self.bins)
         self.neg += np.bincount(b[~mask], minlength=self.bins)
-        if mask.any():
+        if self.aupro and mask.any():
             labelled, n = ndimage.label(mask, structure=_EIGHT_CONNECTED)
             sizes = np.bincount(labelled.ravel())                             # sizes[0] = background
             inside = labelled > 0
@@ -99,14 +100,17 @@ class PixelAccumulator:
         keep = (self.pos + self.neg) > 0
         tp = np.cumsum(self.pos[::-1][keep[::-1]]).astype(np.float64)
         fp = np.cumsum(self.neg[::-1][keep[::-1]]).astype(np.float64)
-        pro = np.cumsum(self.pro[::-1][keep[::-1]]) / self.regions
         tpr, fpr = tp / P, fp / N
         auroc = float(np.trapezoid(np.r_[0.0, tpr], np.r_[0.0, fpr]))
         precision = tp / (tp + fp)
         ap = float(np.sum(np.diff(np.r_[0.0, tpr]) * precision))          # step-wise, as scikit-learn
         f1 = float(np.max(2 * precision * tpr / np.maximum(precision + tpr, 1e-12)))
-        aupro = _partial_area(np.r_[0.0, fpr], np.r_[0.0, pro], self.fpr_limit) / self.fpr_limit
-        return dict(pixel_auroc=auroc, pixel_ap=ap, pixel_f1=f1, pixel_aupro=aupro), []
+        values = dict(pixel_auroc=auroc, pixel_ap=ap, pixel_f1=f1, pixel_aupro=NAN)
+        if not self.aupro:
+            return values, ["pixel_aupro not computed (aupro=False)"]
+        pro = np.cumsum(self.pro[::-1][keep[::-1]]) / self.regions
+        values["pixel_aupro"] = _partial_area(np.r_[0.0, fpr], np.r_[0.0, pro], self.fpr_limit) / self.fpr_limit
+        return values, []
 
 
 def _partial_area(x: np.ndarray, y: np.ndarray, x_max: float) -> float:

@@ -67,6 +67,7 @@ class AdaCLIP(nn.Module):
         self.cls_proj = nn.Linear(embed_dim, embed_dim)
 
         self.tokenizer = open_clip.get_tokenizer(cfg.backbone.name)
+        self._n_normal = len(state_sentences("x")[0])     # sentences 0..n-1 normal, the rest abnormal
         self._tokens: dict[str, torch.Tensor] = {}       # class name -> (S, T) token ids
         self._frozen_text: dict[tuple, torch.Tensor] = {}  # text features of an unprompted text tower
         self.random_weights = cfg.backbone.pretrained is None
@@ -114,7 +115,6 @@ class AdaCLIP(nn.Module):
     def _tokens_for(self, name: str) -> torch.Tensor:
         if name not in self._tokens:
             normal, abnormal = state_sentences(name)
-            self._n_normal = len(normal)
             self._tokens[name] = self.tokenizer(normal + abnormal)
         return self._tokens[name]
 
