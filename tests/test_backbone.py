@@ -108,3 +108,14 @@ def test_random_init_is_seeded_by_config():
     c = build_clip(BackboneCfg(name="adaclip-tiny", pretrained=None, image_size=32, init_seed=1))
     assert torch.equal(a.visual.conv1.weight, b.visual.conv1.weight)
     assert not torch.equal(a.visual.conv1.weight, c.visual.conv1.weight)
+
+
+def test_text_truncation_after_eot_is_exact():
+    torch.manual_seed(0)
+    clip = build_clip(BackboneCfg(name="adaclip-tiny", pretrained=None, image_size=32))
+    tokens = open_clip.get_tokenizer("adaclip-tiny")(["a bad photo of a damaged metal nut.", "a b.", "x"])[None]
+    prompts = [torch.randn(2, 3, 32) for _ in range(2)]          # 2 groups, L = 3 (longer than "x")
+    tokens = tokens.expand(2, -1, -1)
+    full = encode_text(clip, tokens, prompts, truncate=False)
+    short = encode_text(clip, tokens, prompts, truncate=True)
+    torch.testing.assert_close(short, full, rtol=1e-5, atol=1e-5)

@@ -8,6 +8,7 @@
     adaclip train --train sample/mvtec.csv --root sample --run r --backbone adaclip-tiny --pretrained none --image-size 64
     adaclip evaluate --checkpoint results/r/model.pt --test sample/visa.csv --root sample --run r
     adaclip pipeline --run default                  run notebooks 00-03 with papermill
+    adaclip benchmark [--backbone ViT-B-16 ...]     speed and memory numbers
 """
 from __future__ import annotations
 
@@ -110,6 +111,12 @@ def _pipeline(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["benchmark"]:                      # its own argument parser
+        from .benchmark import main as benchmark
+
+        benchmark(argv[1:])
+        return 0
     p = argparse.ArgumentParser(prog="adaclip", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 

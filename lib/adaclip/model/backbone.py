@@ -207,26 +207,31 @@ def encode_image(visual: nn.Module, images: torch.Tensor, out_layers: Sequence[i
 
 
 def encode_text(clip: nn.Module, tokens: torch.Tensor,
-                layer_prompts: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+                layer_prompts: Optional[Sequence[torch.Tensor]] = None, truncate: bool = True) -> torch.Tensor:
     """Text pass with prompts replacing the tokens right after SOT in layers 1..J-1.
 
     tokens: (G, S, T) token ids, G groups of S sentences. layer_prompts: one (G or 1, L, Wt)
     tensor per prompted layer 0..J-1 (layer 0 is left untouched, as in the reference), or None.
     Returns EOT features after ``ln_final`` and the projection: (G, S, D).
+    ``truncate`` drops the padding after the last EOT: exact, because attention is causal
+    (no token sees a later one), and ~5x less work for 77-token contexts.
     """
     G, S, T = tokens.shape
+    tokens = tokens.reshape(G * S, T)
+    eot = tokens.argmax(dim=-1)                                 # EOT has the highest id
+    L = layer_prompts[0].shape[1] if layer_prompts else 0
+    n = max(int(eot.max()) + 1, 1 + L) if truncate and not tokens.is_meta else T
     cast = clip.transformer.get_cast_dtype()
-    x = clip.token_embedding(tokens.reshape(G * S, T)).to(cast)  # (G·S, T, Wt)
-    x = x + clip.positional_embedding.to(cast)
+    x = clip.token_embedding(tokens[:, :n]).to(cast)           # (G·S, n, Wt)
+    x = x + clip.positional_embedding[:n].to(cast)
+    mask = clip.attn_mask[:n, :n] if clip.attn_mask is not None else None
     for i, block in enumerate(clip.transformer.resblocks):
         if layer_prompts is not None and 1 <= i < len(layer_prompts):
             p = layer_prompts[i].to(x.dtype)                     # (G or 1, L, Wt)
-            L = p.shape[1]
             p = p.unsqueeze(1).expand(G, S, L, p.shape[-1]).reshape(G * S, L, -1)
             x = torch.cat([x[:, :1], p, x[:, 1 + L:]], dim=1)
-        x = block(x, attn_mask=clip.attn_mask)
+        x = block(x, attn_mask=mask)
     x = clip.ln_final(x)
-    eot = tokens.reshape(G * S, T).argmax(dim=-1)               # EOT has the highest id
     x = x[torch.arange(G * S, device=x.device), eot]            # (G·S, Wt)
     proj = clip.text_projection
     x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
