@@ -111,3 +111,21 @@ def test_sources_cover_every_dataset_and_manual_ones_explain():
     assert SOURCES["mvtec"].sha256 and SOURCES["visa"].sha256
     with pytest.raises(DownloadError, match="brainmri"):
         fetch("brainmri", Path("/tmp/nowhere"))
+
+
+def test_archive_root_is_moved_up(server, tmp_path):
+    """Kvasir-SEG's zip holds Kvasir-SEG/{images,masks}; the adapter expects kvasir/{images,masks}."""
+    import zipfile
+    from PIL import Image
+    url, handler = server
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for sub in ("images", "masks"):
+            png = io.BytesIO()
+            Image.new("L" if sub == "masks" else "RGB", (8, 8), 255).save(png, format="JPEG")
+            z.writestr(f"Kvasir-SEG/{sub}/a.jpg", png.getvalue())
+    handler.files["/kvasir-seg.zip"] = buf.getvalue()
+    fetch("kvasir", tmp_path, url=url + "/kvasir-seg.zip", sha256="")
+    df = build_manifest("kvasir", tmp_path)
+    check(df, tmp_path)
+    assert df.image.tolist() == ["kvasir/images/a.jpg"]

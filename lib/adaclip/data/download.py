@@ -26,6 +26,7 @@ class Source:
     url: str = ""           # direct archive (stable public link), if any
     sha256: str = ""
     layout: str = ""
+    archive_root: str = ""  # folder inside the archive that holds the layout (moved up on extraction)
 
 
 SOURCES = {s.name: s for s in [
@@ -59,7 +60,7 @@ SOURCES = {s.name: s for s in [
     Source("clinicdb", "clinicdb", "https://polyp.grand-challenge.org/CVCClinicDB/",
            layout="Original/, Ground Truth/ (or PNG/Original, PNG/Ground Truth)"),
     Source("kvasir", "kvasir", "https://datasets.simula.no/kvasir-seg/", "https://datasets.simula.no/downloads/kvasir-seg.zip",
-           layout="images/, masks/"),
+           layout="images/, masks/", archive_root="Kvasir-SEG"),
     Source("tn3k", "tn3k", "https://github.com/haifangong/TRFE-Net-for-thyroid-nodule-segmentation",
            layout="{trainval,test}-image/, {trainval,test}-mask/"),
 ]}
@@ -143,6 +144,11 @@ def fetch(name: str, root: Union[str, Path], url: Optional[str] = None, sha256: 
     archive = download(url, Path(root) / ".downloads" / Path(url).name,
                        src.sha256 if sha256 is None else sha256)
     extract(archive, target)
+    if src.archive_root and (target / src.archive_root).is_dir():
+        inner = target / src.archive_root
+        for item in inner.iterdir():
+            os.replace(item, target / item.name)
+        inner.rmdir()
     done.write_text(f"{url}\n")
     return target
 
