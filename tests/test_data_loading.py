@@ -1,5 +1,4 @@
 """Images, masks, manifests and the Dataset: real-world formats and every bad-input case."""
-import io
 
 import numpy as np
 import pandas as pd

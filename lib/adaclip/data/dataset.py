@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Union
 
 import numpy as np
 import pandas as pd

@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
-import numpy as np
 import pandas as pd
 from PIL import Image
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
-
 from ..images import load_mask
 from .common import LayoutError, find_mask, images_in, require_dir, row
 
