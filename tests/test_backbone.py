@@ -119,3 +119,15 @@ def test_text_truncation_after_eot_is_exact():
     full = encode_text(clip, tokens, prompts, truncate=False)
     short = encode_text(clip, tokens, prompts, truncate=True)
     torch.testing.assert_close(short, full, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_image_size_fails_before_any_weights_are_fetched(monkeypatch):
+    def no_build(*a, **k):
+        raise AssertionError("create_model must not run")
+    monkeypatch.setattr(open_clip, "create_model", no_build)
+    with pytest.raises(ValueError, match="multiple of the patch size 14"):
+        build_clip(BackboneCfg(name="ViT-L-14-336", pretrained="openai", image_size=520))
+
+
+def test_tags_are_cleaned_like_open_clip():
+    assert resolve_weights(BackboneCfg(name="ViT-B-16", pretrained="OpenAI")) == "openai"

@@ -52,10 +52,11 @@ def resolve_weights(cfg: BackboneCfg) -> Optional[str]:
             raise FileNotFoundError(f"CLIP weights file {cfg.pretrained} (backbone {cfg.name}) does not exist")
         return str(Path(cfg.pretrained).expanduser())
     tags = open_clip.list_pretrained_tags_by_model(cfg.name)
-    if cfg.pretrained not in tags:
+    tag = cfg.pretrained.lower().replace("-", "_")            # as open_clip cleans tags
+    if tag not in tags:
         raise ValueError(f"unknown pretrained tag {cfg.pretrained!r} for {cfg.name}; known tags: {tags}, "
                          f"or give a local file path, or None for random weights")
-    return cfg.pretrained
+    return tag
 
 
 def _looks_like_path(p: str) -> bool:
@@ -66,8 +67,16 @@ def _uses_quick_gelu(cfg: BackboneCfg) -> bool:
     if cfg.quick_gelu is not None:
         return cfg.quick_gelu
     # OpenAI's CLIP was trained with QuickGELU; AdaCLIP uses those weights. Other tags say their own.
-    tag = cfg.pretrained if cfg.pretrained in open_clip.list_pretrained_tags_by_model(cfg.name) else "openai"
+    tag = _known_tag(cfg) or "openai"
     return bool(open_clip.get_pretrained_cfg(cfg.name, tag).get("quick_gelu", False))
+
+
+def _known_tag(cfg: BackboneCfg) -> Optional[str]:
+    """The configured open_clip tag, cleaned, if it is one (not a file, not None)."""
+    if cfg.pretrained is None:
+        return None
+    tag = cfg.pretrained.lower().replace("-", "_")
+    return tag if tag in open_clip.list_pretrained_tags_by_model(cfg.name) else None
 
 
 def build_clip(cfg: BackboneCfg, device: Optional[str] = None) -> nn.Module:
@@ -81,6 +90,9 @@ def build_clip(cfg: BackboneCfg, device: Optional[str] = None) -> nn.Module:
     if cfg.name not in open_clip.list_models():
         raise ValueError(f"unknown backbone {cfg.name!r}; open_clip ViT models include "
                          f"{[m for m in open_clip.list_models() if m.startswith('ViT-')][:12]} ...")
+    vision = open_clip.get_model_config(cfg.name).get("vision_cfg", {})
+    if "patch_size" in vision:                    # fail before loading any weights
+        check_image_size(cfg.image_size, int(vision["patch_size"]))
     weights = resolve_weights(cfg)
     quick_gelu = _uses_quick_gelu(cfg)
     if weights is None:
@@ -106,6 +118,9 @@ def build_clip(cfg: BackboneCfg, device: Optional[str] = None) -> nn.Module:
                          f"AdaCLIP needs ViT patch tokens, e.g. ViT-B-16, ViT-L-14, ViT-L-14-336")
     if getattr(clip, "text_pool_type", "argmax") != "argmax" or not hasattr(clip, "token_embedding"):
         raise ValueError(f"backbone {cfg.name} has no CLIP text tower with EOT (argmax) pooling")
+    if not (visual.transformer.batch_first and clip.transformer.batch_first):
+        raise ValueError(f"backbone {cfg.name} runs its transformers sequence-first; the prompted passes "
+                         f"expect open_clip's default batch-first layout")
     set_image_size(visual, cfg.image_size)
     clip.eval().requires_grad_(False)
     return clip
@@ -140,9 +155,7 @@ def resize_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
 def set_image_size(visual: nn.Module, image_size: int) -> None:
     """Make a ViT take (image_size, image_size) inputs by resizing its positional embedding."""
     patch = patch_size(visual)
-    if image_size % patch:
-        raise ValueError(f"image_size {image_size} is not a multiple of the patch size {patch}; "
-                         f"use e.g. {image_size // patch * patch} or {(image_size // patch + 1) * patch}")
+    check_image_size(image_size, patch)
     grid = image_size // patch
     if tuple(visual.grid_size) != (grid, grid):
         old = tuple(visual.grid_size)
@@ -151,6 +164,12 @@ def set_image_size(visual: nn.Module, image_size: int) -> None:
         visual.grid_size = (grid, grid)
         visual.image_size = (image_size, image_size)
         log.info("positional embedding resized from grid %s to %s", old, (grid, grid))
+
+
+def check_image_size(image_size: int, patch: int) -> None:
+    if image_size % patch:
+        raise ValueError(f"image_size {image_size} is not a multiple of the patch size {patch}; "
+                         f"use e.g. {image_size // patch * patch} or {(image_size // patch + 1) * patch}")
 
 
 def patch_size(visual: nn.Module) -> int:
@@ -168,7 +187,7 @@ def default_out_layers(n_layers: int) -> tuple[int, ...]:
 
 def normalization(cfg: BackboneCfg) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Image mean/std of the configured weights (OpenAI's unless the tag says otherwise)."""
-    tag = cfg.pretrained if cfg.pretrained in open_clip.list_pretrained_tags_by_model(cfg.name) else None
+    tag = _known_tag(cfg)
     pc = open_clip.get_pretrained_cfg(cfg.name, tag) if tag else {}
     return tuple(pc.get("mean") or OPENAI_DATASET_MEAN), tuple(pc.get("std") or OPENAI_DATASET_STD)
 
