@@ -75,6 +75,9 @@ def test_killed_run_resumes_to_the_same_result(synthetic, tmp_path):
     train(cfg64(), tc, data, root, tmp_path / "killed", progress=False, max_steps=3)   # dies in epoch 2
     assert (tmp_path / "killed/checkpoints/epoch_001.pt").is_file()
     assert not (tmp_path / "killed/model.pt").exists()
+    with pytest.raises(ValueError, match="cannot resume"):                 # another lr is another run
+        train(cfg64(), TrainCfg(epochs=3, batch_size=4, lr=0.02), data, root, tmp_path / "killed",
+              progress=False, resume=True)
     train(cfg64(), tc, data, root, tmp_path / "killed", progress=False, resume=True)
     a, b = _weights(tmp_path / "full/model.pt"), _weights(tmp_path / "killed/model.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)

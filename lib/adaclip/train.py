@@ -97,10 +97,13 @@ def train(model_cfg: Union[AdaCLIPConfig, dict], train_cfg: Union[TrainCfg, dict
     last = ckpt_dir / "last.pt"
     if resume and last.is_file():
         state = read_checkpoint(last, map_location=device)
-        if state["model_config"] != model_cfg.to_dict():
-            raise ValueError(f"cannot resume {last}: it was trained with model config {state['model_config']}, "
-                             f"not {model_cfg.to_dict()}; use another run_dir or resume=False")
-        model.load_state_dict(state["learnable"], strict=False)
+        resumable = {k: v for k, v in cfg.to_dict().items() if k != "epochs"}   # more epochs are fine
+        saved = {k: v for k, v in state["train_config"].items() if k != "epochs"}
+        if state["model_config"] != model_cfg.to_dict() or saved != _jsonable(resumable):
+            raise ValueError(f"cannot resume {last}: it was trained with model config {state['model_config']} "
+                             f"and train config {state['train_config']}, not {model_cfg.to_dict()} and "
+                             f"{cfg.to_dict()}; use another run_dir or resume=False")
+        load_state(model, state["learnable"], last)
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, step, best = state["epoch"], state["step"], state["best"]
         if log_path.is_file():                       # drop the steps of the epoch that was cut off
@@ -161,7 +164,8 @@ def train(model_cfg: Union[AdaCLIPConfig, dict], train_cfg: Union[TrainCfg, dict
             model.save(ckpt_dir / f"epoch_{epoch + 1:03d}.pt", epoch=epoch + 1, step=step)
             with atomic_path(last) as tmp:
                 torch.save({"epoch": epoch + 1, "step": step, "best": best, "model_config": model_cfg.to_dict(),
-                            "learnable": model.learnable_state_dict(), "optimizer": optimizer.state_dict()}, tmp)
+                            "train_config": _jsonable(cfg.to_dict()), "learnable": model.learnable_state_dict(),
+                            "optimizer": optimizer.state_dict()}, tmp)
 
     chosen = cfg.epochs if best["epoch"] is None else best["epoch"]
     if chosen != cfg.epochs:
@@ -170,6 +174,11 @@ def train(model_cfg: Union[AdaCLIPConfig, dict], train_cfg: Union[TrainCfg, dict
     update_config(run_dir, selected_epoch=chosen, selection=cfg.selection, selection_score=best["score"]
                   if best["epoch"] else None)
     return model
+
+
+def _jsonable(d: dict) -> dict:
+    """Tuples as lists, as they come back from a checkpoint."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
 def _sources(manifests) -> Optional[list]:
