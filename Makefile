@@ -7,7 +7,7 @@ PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.adaclip-installed
 RUN        ?= default
 
-.PHONY: setup run test manifests strip clean-run
+.PHONY: setup run test lab manifests strip clean-run
 
 setup: $(STAMP)
 
@@ -23,6 +23,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# step through the notebooks interactively
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks/
 
 manifests: $(STAMP)
 	$(PY) -m adaclip.cli manifests

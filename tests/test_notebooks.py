@@ -64,3 +64,8 @@ def test_pipeline_on_the_shared_subsets(tmp_path):
             ("kvasir", "kvasir")} <= set(metrics.index)
     assert metrics.loc[("headct", "headct"), "pixel_auroc"] != metrics.loc[("headct", "headct"), "pixel_auroc"]  # NaN
     assert metrics.loc[("visa", "capsules"), "images"] == 160
+
+
+def test_misspelt_parameter_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match=r"no notebook takes parameter\(s\) \['epoch'\]"):
+        run_pipeline("typo", params={"epoch": 5}, results_dir=tmp_path)

@@ -104,7 +104,13 @@ def _pipeline(args) -> int:
     if args.params_file:
         import yaml
 
-        params.update(yaml.safe_load(open(args.params_file)) or {})
+        try:
+            loaded = yaml.safe_load(open(args.params_file)) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise SystemExit(f"cannot read parameters file {args.params_file}: {e}")
+        if not isinstance(loaded, dict):
+            raise SystemExit(f"parameters file {args.params_file} must be a mapping of name: value")
+        params.update(loaded)
     params.update(dict(kv.split("=", 1) for kv in args.param))
     run_pipeline(args.run, params=params, notebooks_to_run=args.notebooks or None, force=args.force)
     return 0

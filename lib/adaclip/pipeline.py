@@ -52,13 +52,17 @@ def run_pipeline(run: str = "default", params: Optional[dict] = None, notebooks_
         chosen = [p for p in chosen if p.name in wanted or p.stem in wanted or p.stem[:2] in wanted]
     results_dir = Path(results_dir or RESULTS_DIR).resolve()
     params.setdefault("results_dir", str(results_dir))
+    declared = {nb: list(pm.inspect_notebook(str(nb))) for nb in notebooks()}
+    known = set().union(*declared.values()) if declared else set()
+    unknown = sorted(set(params) - known - {"results_dir"})
+    if unknown:
+        raise ValueError(f"no notebook takes parameter(s) {unknown}; the parameters are {sorted(known)}")
     out_dir = results_dir / run
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for nb in chosen:
         out = out_dir / nb.name
-        declared = set(pm.inspect_notebook(str(nb)))
-        given = {"run_name": run, **{k: v for k, v in params.items() if k in declared}}
+        given = {"run_name": run, **{k: v for k, v in params.items() if k in declared[nb]}}
         if not force and _finished(out, given):
             print(f"[pipeline] {nb.name}: already done with these parameters in {out}, skipped (force=True reruns)")
             written.append(out)
