@@ -176,3 +176,12 @@ def test_sample_manifests_load_through_the_dataset():
         check(df, root)
         item = AnomalyDataset(df, root, TRANSFORM, 32)[len(df) - 1]
         assert item["image"].shape == (3, 32, 32)
+
+
+def test_validate_survives_bad_labels_and_keeps_row_order(tmp_path):
+    df = _tree(tmp_path)
+    df["label"] = df["label"].astype(object)
+    df.loc[1, "label"] = "yes"
+    df.loc[0, "image"] = "d/nowhere.png"
+    problems = validate(df, tmp_path)
+    assert problems[0].startswith("manifest row 2: image") and problems[1].startswith("manifest row 3: label 'yes'")

@@ -8,6 +8,7 @@ label is 0 (normal) or 1 (anomalous); mask is empty when the image has no pixel 
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
@@ -77,18 +78,20 @@ def pixel_annotated(df: pd.DataFrame) -> pd.Series:
     return df.groupby("dataset")["mask"].apply(lambda m: bool((m != "").any()))
 
 
-def validate(df: pd.DataFrame, root: Union[str, Path], deep: bool = True) -> list[str]:
+def validate(df: pd.DataFrame, root: Union[str, Path], deep: bool = True, workers: int = 8) -> list[str]:
     """Every problem in a manifest, as readable lines (empty list: all good).
 
     Checks labels, that each image and mask exists, is non-empty and decodes (``deep``), that
     mask and image sizes agree, and that anomalous images of pixel-annotated datasets have masks.
+    Files are checked by a thread pool (decoding releases the GIL); problems stay in row order.
     """
     root = Path(root)
     name = df.attrs.get("path", "manifest")
-    problems = []
     annotated = pixel_annotated(df) if len(df) else {}
-    for i, row in enumerate(df.itertuples(index=False)):
-        where = f"{name} row {i + 2}"
+
+    def check_row(item) -> list[str]:
+        i, row = item
+        where, problems = f"{name} row {i + 2}", []
         if str(row.label) not in ("0", "1"):
             problems.append(f"{where}: label {row.label!r} is not 0 or 1")
         size = _check_file(root / row.image, f"{where}: image", deep, problems)
@@ -97,10 +100,14 @@ def validate(df: pd.DataFrame, root: Union[str, Path], deep: bool = True) -> lis
             if size and msize and size != msize:
                 problems.append(f"{where}: mask {row.mask} is {msize[0]}x{msize[1]} but image {row.image} is "
                                 f"{size[0]}x{size[1]}; masks must match their image")
-        elif int(row.label) == 1 and annotated.get(row.dataset, False):
+        elif str(row.label) == "1" and annotated.get(row.dataset, False):
             problems.append(f"{where}: anomalous image {row.image} has no mask although dataset "
                             f"{row.dataset} is pixel-annotated")
-    return problems
+        return problems
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        per_row = pool.map(check_row, enumerate(df.itertuples(index=False)))
+        return [p for problems in per_row for p in problems]
 
 
 def check(df: pd.DataFrame, root: Union[str, Path], deep: bool = True) -> None:
