@@ -142,3 +142,16 @@ def test_real_architectures_shapes_on_meta_device(name, size, layers, trainable)
     assert out.pixel_scores.shape == (2, size, size) and out.image_scores.shape == (2,)
     assert all(m.shape == (2, 2, size, size) for m in out.layer_maps)
     assert sum(p.numel() for p in model.learnable_parameters()) == trainable
+
+
+def test_mixed_precision_keeps_float32_maps_and_trains(tiny_model, images):
+    """CUDA runs under bf16 autocast; CPU autocast exercises the same dtype mixing here."""
+    with torch.no_grad():
+        ref = tiny_model(images, "bottle")
+    tiny_model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tiny_model(images, "bottle", return_layer_maps=True)
+    assert out.pixel_scores.dtype == out.image_probs.dtype == out.layer_maps[0].dtype == torch.float32
+    torch.testing.assert_close(out.pixel_scores, ref.pixel_scores, atol=0.05, rtol=0)
+    (out.image_probs[:, 1].sum() + out.layer_maps[0][:, 1].mean()).backward()
+    assert tiny_model.cls_proj.weight.grad is not None

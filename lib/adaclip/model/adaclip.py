@@ -4,6 +4,7 @@ Follows ADACLIP_SPEC.md step by step; batched (the reference supports batch size
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,21 +195,25 @@ class AdaCLIP(nn.Module):
         # 5. projections into the joint space
         patch = [F.normalize(proj(t), dim=-1) for proj, t in zip(self.patch_proj, tokens)]  # (B, N, D) each
         image_feature = F.normalize(self.cls_proj(feature), dim=-1)                        # (B, D)
-        # 6. per-layer patch-text logits
-        logits = [100.0 * torch.einsum("bnd,bdc->bnc", P, text) for P in patch]             # (B, N, 2) each
-        # 7. hybrid semantic fusion
-        fc = self.cfg.fusion
-        if fc.use_hsf:
-            h = hybrid_semantic_fusion(patch, logits, fc.k_clusters, fc.seed, fc.kmeans)
-            image_feature = F.normalize(fc.alpha * h + (1 - fc.alpha) * image_feature, dim=-1)
-        # 8. image score
-        image_probs = torch.softmax(100.0 * torch.einsum("bd,bdc->bc", image_feature, text), dim=-1)
-        # 9. pixel maps
-        maps = [self._upsample(m) for m in logits]                                          # (B, 2, S, S) each
-        agg = torch.softmax(torch.stack(maps).mean(0), dim=1)
-        pixel = (agg[:, 1] + 1 - agg[:, 0]) / 2                                             # (B, S, S)
-        pixel = gaussian_blur(pixel.float(), fc.smoothing_sigma)
-        layer_maps = [torch.softmax(m, dim=1) for m in maps] if return_layer_maps else None
+        # 6.-9. in float32 even under autocast: bf16 maps would turn pixel metrics into ties
+        with _full_precision(images.device):
+            patch = [P.float() for P in patch]
+            text, image_feature = text.float(), image_feature.float()
+            # 6. per-layer patch-text logits
+            logits = [100.0 * torch.einsum("bnd,bdc->bnc", P, text) for P in patch]         # (B, N, 2) each
+            # 7. hybrid semantic fusion
+            fc = self.cfg.fusion
+            if fc.use_hsf:
+                h = hybrid_semantic_fusion(patch, logits, fc.k_clusters, fc.seed, fc.kmeans)
+                image_feature = F.normalize(fc.alpha * h + (1 - fc.alpha) * image_feature, dim=-1)
+            # 8. image score
+            image_probs = torch.softmax(100.0 * torch.einsum("bd,bdc->bc", image_feature, text), dim=-1)
+            # 9. pixel maps
+            maps = [self._upsample(m) for m in logits]                                      # (B, 2, S, S) each
+            agg = torch.softmax(torch.stack(maps).mean(0), dim=1)
+            pixel = (agg[:, 1] + 1 - agg[:, 0]) / 2                                         # (B, S, S)
+            pixel = gaussian_blur(pixel, fc.smoothing_sigma)
+            layer_maps = [torch.softmax(m, dim=1) for m in maps] if return_layer_maps else None
         return AdaCLIPOutput(image_probs[:, 1], pixel, image_probs, layer_maps)
 
     def _upsample(self, logits: torch.Tensor) -> torch.Tensor:
@@ -222,6 +227,13 @@ class AdaCLIP(nn.Module):
         super().train(mode)
         self.clip.eval()  # frozen: dropout / patch dropout stay off
         return self
+
+
+def _full_precision(device: torch.device):
+    """Leave any autocast region (meta tensors have none)."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def build_model(cfg: Union[AdaCLIPConfig, dict, None] = None) -> AdaCLIP:
