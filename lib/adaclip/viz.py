@@ -55,7 +55,7 @@ def counts_plot(counts: pd.DataFrame) -> Figure:
     data = counts.assign(state=counts.label.map({0: "normal", 1: "anomalous"}))
     data = data.groupby(["dataset", "state"], as_index=False)["images"].sum()
     fig, ax = plt.subplots(figsize=(6, 3))
-    sns.barplot(data=data, x="dataset", y="images", hue="state", ax=ax)
+    sns.barplot(data=data, x="dataset", y="images", hue="state", hue_order=["normal", "anomalous"], ax=ax)
     ax.set_title("images per dataset")
     fig.tight_layout()
     return fig
@@ -65,8 +65,9 @@ def loss_curve(log: pd.DataFrame) -> Figure:
     """Per-step training loss with a running mean, epochs marked."""
     fig, ax = plt.subplots(figsize=(6, 3))
     ax.plot(log["step"], log["loss"], alpha=0.35, label="loss")
-    window = max(1, len(log) // 20)
-    ax.plot(log["step"], log["loss"].rolling(window, min_periods=1).mean(), label=f"running mean ({window})")
+    window = len(log) // 20
+    if window > 1:
+        ax.plot(log["step"], log["loss"].rolling(window, min_periods=1).mean(), label=f"running mean ({window})")
     for step in log.groupby("epoch")["step"].max().iloc[:-1]:
         ax.axvline(step, color="grey", lw=0.5, ls="--")
     ax.set_xlabel("step")
