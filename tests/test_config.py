@@ -10,7 +10,8 @@ def test_defaults_are_the_papers():
     assert cfg.fusion.use_hsf and cfg.fusion.k_clusters == 20 and cfg.fusion.alpha == 0.2
     assert cfg.fusion.smoothing_sigma == 4.0
     t = TrainCfg()
-    assert (t.lr, t.betas, t.epochs, t.seed) == (0.01, (0.5, 0.999), 5, 111)
+    assert (t.lr, t.betas, t.epochs, t.seed, t.batch_size) == (0.01, (0.5, 0.999), 5, 111, 1)
+    assert (t.dice, t.selection, t.aug_rate) == ("per_image", "last", 0.0)
 
 
 def test_round_trip_through_dict():

@@ -69,3 +69,10 @@ def test_pipeline_on_the_shared_subsets(tmp_path):
 def test_misspelt_parameter_is_an_error(tmp_path):
     with pytest.raises(ValueError, match=r"no notebook takes parameter\(s\) \['epoch'\]"):
         run_pipeline("typo", params={"epoch": 5}, results_dir=tmp_path)
+
+
+@pytest.mark.parametrize("name", ["paper.yaml", "shared.yaml"])
+def test_params_files_only_name_real_parameters(name):
+    params = yaml.safe_load((NOTEBOOK_DIR / "params" / name).read_text())
+    known = set().union(*(pm.inspect_notebook(str(nb)) for nb in NOTEBOOKS))
+    assert set(params) <= known

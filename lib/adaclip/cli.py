@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     t.add_argument("--no-hsf", action="store_true")
     t.add_argument("--k-clusters", type=int, default=20)
     t.add_argument("--epochs", type=int, default=5)
-    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--batch-size", type=int, default=1)
     t.add_argument("--lr", type=float, default=0.01)
     t.add_argument("--seed", type=int, default=111)
     t.add_argument("--selection", default="last", choices=["last", "val", "test_f1"])

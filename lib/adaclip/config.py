@@ -132,7 +132,7 @@ class AdaCLIPConfig(_DictMixin):
 @dataclass
 class TrainCfg(_DictMixin):
     epochs: int = 5
-    batch_size: int = 8                 # the reference supports 1 only; any size works here
+    batch_size: int = 1                 # the reference's (and the paper's); any size works here
     lr: float = 0.01
     betas: Tuple[float, float] = (0.5, 0.999)
     seed: int = 111
