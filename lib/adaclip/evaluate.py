@@ -57,16 +57,14 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
     dataset = AnomalyDataset(df, data_root, model.transform, model.image_size)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
     keys = list(dict.fromkeys(zip(df.dataset, df.category)))
-    pixels = {k: PixelAccumulator(fpr_limit=cfg.aupro_fpr_limit, aupro=cfg.aupro) for k in keys}
-    annotated = {k: False for k in keys}
+    pixels = {}      # created on a category's first annotated image: none for image-level datasets
     scores = np.zeros(len(df), np.float64)
     maps_dir = Path(run_dir) / "maps" if (run_dir and cfg.save_maps) else None
 
     for batch in tqdm(loader, desc="evaluate", disable=not progress):
         with autocast(device):
             out = model(batch["image"].to(device), list(batch["class_name"]))
-        maps = out.pixel_scores.float()
-        masks = batch["mask"]
+        maps, masks = out.pixel_scores, batch["mask"]
         if cfg.pixel_metric_size and cfg.pixel_metric_size != maps.shape[-1]:
             size = (cfg.pixel_metric_size,) * 2
             maps = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
@@ -76,8 +74,9 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
             scores[i] = float(out.image_scores[j])
             key = (df.at[i, "dataset"], df.at[i, "category"])
             if batch["has_mask"][j]:
+                if key not in pixels:
+                    pixels[key] = PixelAccumulator(fpr_limit=cfg.aupro_fpr_limit, aupro=cfg.aupro)
                 pixels[key].update(maps[j], masks[j])
-                annotated[key] = True
             if maps_dir is not None:
                 with atomic_path(maps_dir / f"{i:06d}.npz") as tmp:
                     with open(tmp, "wb") as f:
@@ -88,7 +87,7 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
     scored["score"], scored["threshold"], scored["decision"] = scores, np.nan, pd.NA
     for key in keys:
         sel = (df.dataset == key[0]).values & (df.category == key[1]).values
-        m = summarize(df.label.values[sel], scores[sel], pixels[key] if annotated[key] else None)
+        m = summarize(df.label.values[sel], scores[sel], pixels.get(key))
         rows.append({"dataset": key[0], "category": key[1], "images": int(sel.sum()),
                      "anomalous": int(df.label.values[sel].sum()), **m})
         if np.isfinite(m["image_threshold"]):

@@ -45,8 +45,8 @@ class AdaCLIPPredictor:
             chunk = pil[i:i + self.batch_size]
             x = torch.stack([self.transform(im) for im in chunk]).to(self.model.device)
             out = self.model(x, names[i:i + self.batch_size])
-            scores.append(out.image_scores.float().cpu().numpy())
-            for im, m in zip(chunk, out.pixel_scores.float()):
+            scores.append(out.image_scores.cpu().numpy())
+            for im, m in zip(chunk, out.pixel_scores):
                 if original_size:
                     m = F.interpolate(m[None, None], size=(im.height, im.width), mode="bilinear", align_corners=False)[0, 0]
                 maps.append(m.clamp(0, 1).cpu().numpy())

@@ -11,6 +11,7 @@ import torch
 
 from .io import write_json
 
+RANDOM_WEIGHTS = "random backbone weights: these numbers say nothing about detection quality"
 PACKAGES = ("adaclip", "torch", "torchvision", "open_clip_torch", "numpy", "scikit-learn", "scipy", "pandas", "papermill")
 
 
@@ -37,6 +38,5 @@ def update_config(run_dir: Union[str, Path], **sections) -> Path:
 
 
 def weights_note(model) -> dict:
-    random = model.cfg.backbone.pretrained is None
-    return {"backbone_weights": "random" if random else str(model.cfg.backbone.pretrained),
-            "warning": "random backbone weights: scores say nothing about detection quality" if random else ""}
+    return {"backbone_weights": "random" if model.random_weights else str(model.cfg.backbone.pretrained),
+            "warning": RANDOM_WEIGHTS if model.random_weights else ""}

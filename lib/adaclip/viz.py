@@ -10,7 +10,10 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
+from . import runs
 from .data.images import load_image, load_mask
+
+RANDOM_WEIGHTS = runs.RANDOM_WEIGHTS   # the figure title of random-weight runs
 
 
 def overlay(ax, image: np.ndarray, mask: Optional[np.ndarray] = None, heat: Optional[np.ndarray] = None,
@@ -122,9 +125,6 @@ def score_distributions(scores: pd.DataFrame, title: str = "") -> Figure:
         fig.suptitle(title, fontsize=9, color="darkred")
     fig.tight_layout()
     return fig
-
-
-RANDOM_WEIGHTS = "random backbone weights: these numbers say nothing about detection quality"
 
 
 def save(fig: Figure, path: Union[str, Path], dpi: int = 120) -> Path:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import AdaCLIPConfig
-from ..text import state_sentences
+from ..text import NORMAL_STATES, TEMPLATES, state_sentences
 from ..transforms import build_transform
 from . import checkpoint
 from .backbone import build_clip, default_out_layers, encode_image, encode_text, patch_size
@@ -68,7 +68,7 @@ class AdaCLIP(nn.Module):
         self.cls_proj = nn.Linear(embed_dim, embed_dim)
 
         self.tokenizer = open_clip.get_tokenizer(cfg.backbone.name)
-        self._n_normal = len(state_sentences("x")[0])     # sentences 0..n-1 normal, the rest abnormal
+        self._n_normal = len(NORMAL_STATES) * len(TEMPLATES)  # sentences 0..n-1 normal, the rest abnormal
         self._tokens: dict[str, torch.Tensor] = {}       # class name -> (S, T) token ids
         self._frozen_text: dict[tuple, torch.Tensor] = {}  # text features of an unprompted text tower
         self.random_weights = cfg.backbone.pretrained is None
@@ -191,7 +191,7 @@ class AdaCLIP(nn.Module):
             feature, tokens = encode_image(visual, images, self.out_layers,
                                            self.visual_prompts.layer_prompts(dyn_v))
         # 4. text features (B, D, 2)
-        text = self.text_features(class_names, dyn_t).to(feature.dtype)
+        text = self.text_features(class_names, dyn_t)
         # 5. projections into the joint space
         patch = [F.normalize(proj(t), dim=-1) for proj, t in zip(self.patch_proj, tokens)]  # (B, N, D) each
         image_feature = F.normalize(self.cls_proj(feature), dim=-1)                        # (B, D)

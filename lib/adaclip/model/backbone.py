@@ -52,7 +52,7 @@ def resolve_weights(cfg: BackboneCfg) -> Optional[str]:
             raise FileNotFoundError(f"CLIP weights file {cfg.pretrained} (backbone {cfg.name}) does not exist")
         return str(Path(cfg.pretrained).expanduser())
     tags = open_clip.list_pretrained_tags_by_model(cfg.name)
-    tag = cfg.pretrained.lower().replace("-", "_")            # as open_clip cleans tags
+    tag = _clean_tag(cfg.pretrained)
     if tag not in tags:
         raise ValueError(f"unknown pretrained tag {cfg.pretrained!r} for {cfg.name}; known tags: {tags}, "
                          f"or give a local file path, or None for random weights")
@@ -71,11 +71,15 @@ def _uses_quick_gelu(cfg: BackboneCfg) -> bool:
     return bool(open_clip.get_pretrained_cfg(cfg.name, tag).get("quick_gelu", False))
 
 
+def _clean_tag(tag: str) -> str:
+    return tag.lower().replace("-", "_")                      # as open_clip cleans tags
+
+
 def _known_tag(cfg: BackboneCfg) -> Optional[str]:
     """The configured open_clip tag, cleaned, if it is one (not a file, not None)."""
     if cfg.pretrained is None:
         return None
-    tag = cfg.pretrained.lower().replace("-", "_")
+    tag = _clean_tag(cfg.pretrained)
     return tag if tag in open_clip.list_pretrained_tags_by_model(cfg.name) else None
 
 
