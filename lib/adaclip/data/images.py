@@ -18,15 +18,18 @@ class ImageError(ValueError):
     """An image or mask file that cannot be used; names the file."""
 
 
-def _open(path: Path, what: str) -> Image.Image:
+def open_checked(path: Path, what: str, load: bool = True) -> Image.Image:
+    """Open an image file, or raise ImageError naming it: missing, empty, or not decodable.
+    ``load=False`` reads the header only (fast checks)."""
     path = Path(path)
     if not path.is_file():
-        raise ImageError(f"{what} {path} does not exist")
+        raise ImageError(f"{what} {path} does not exist (is the data root right?)")
     if path.stat().st_size == 0:
         raise ImageError(f"{what} {path} is empty; re-download it or drop its manifest row")
     try:
         im = Image.open(path)
-        im.load()
+        if load:
+            im.load()
         return im
     except Exception as e:
         raise ImageError(f"{what} {path} cannot be decoded ({type(e).__name__}: {e}); re-download it") from e
@@ -34,7 +37,7 @@ def _open(path: Path, what: str) -> Image.Image:
 
 def load_image(path) -> Image.Image:
     """Any image file -> 8-bit RGB PIL image."""
-    im = _open(path, "image")
+    im = open_checked(path, "image")
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         a = np.asarray(im, dtype=np.float64)
         hi = a.max()
@@ -49,7 +52,7 @@ def load_image(path) -> Image.Image:
 
 def load_mask(path) -> np.ndarray:
     """Any mask file -> (H, W) uint8 array of {0, 1}."""
-    im = _open(path, "mask")
+    im = open_checked(path, "mask")
     a = np.asarray(im)
     if a.ndim == 3:
         a = a.max(axis=2)                     # RGB / RGBA masks: anomalous in any channel

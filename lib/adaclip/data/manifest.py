@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Iterable, Optional, Union
 
 import pandas as pd
-from PIL import Image
 
 from ..io import write_csv
+from .images import ImageError, open_checked
 
 COLUMNS = ["dataset", "category", "split", "label", "image", "mask", "defect_type"]
 DATA_ROOT_ENV = "ADACLIP_DATA_ROOT"
@@ -118,20 +118,12 @@ def check(df: pd.DataFrame, root: Union[str, Path], deep: bool = True) -> None:
 
 
 def _check_file(path: Path, what: str, deep: bool, problems: list) -> Optional[tuple]:
-    if not path.is_file():
-        problems.append(f"{what} {path} does not exist (is the data root right?)")
-        return None
-    if path.stat().st_size == 0:
-        problems.append(f"{what} {path} is empty; re-download or remove it from the manifest")
-        return None
+    """The file's size, or None after adding the loader's own error to ``problems``."""
     try:
-        with Image.open(path) as im:
-            size = im.size
-            if deep:
-                im.load()
-        return size
-    except Exception as e:
-        problems.append(f"{what} {path} cannot be decoded ({type(e).__name__}: {e}); re-download it")
+        with open_checked(path, what, load=deep) as im:
+            return im.size
+    except ImageError as e:
+        problems.append(str(e))
         return None
 
 

@@ -38,9 +38,9 @@ def _downscale(src: Path, dst: Path, mask: bool = False) -> None:
 
 
 def _mvtec_mask(rel: str) -> str:
-    cat, _, kind, name = rel.split("/")[-4:]
-    prefix = "/".join(rel.split("/")[:-4])
-    return "/".join(p for p in (prefix, cat, "ground_truth", kind, name.replace(".png", "_mask.png")) if p)
+    """[<category>/]test/<type>/<id>.png -> [<category>/]ground_truth/<type>/<id>_mask.png"""
+    *prefix, _, kind, name = rel.split("/")
+    return "/".join([*prefix, "ground_truth", kind, name.replace(".png", "_mask.png")])
 
 
 def build_sample(shared_root: Union[str, Path], dest: Union[str, Path] = SAMPLE_ROOT, per_class: int = 5) -> Path:
@@ -49,17 +49,12 @@ def build_sample(shared_root: Union[str, Path], dest: Union[str, Path] = SAMPLE_
     for sub in ("mvtec", "visa", "glass", "headct", "kvasir"):
         shutil.rmtree(dest / sub, ignore_errors=True)
     # MVTec AD bottle and the MVTec-layout GLASS set
-    for rel in _PICKS["mvtec"]:
-        _downscale(src / "mvtec" / rel, dest / "mvtec" / rel)
-        if "/good/" not in rel:
-            _downscale(src / "mvtec" / _mvtec_mask(rel), dest / "mvtec" / _mvtec_mask(rel), mask=True)
+    for folder, picks in _PICKS.items():
+        for rel in picks:
+            _downscale(src / folder / rel, dest / folder / rel)
+            if "/good/" not in rel:
+                _downscale(src / folder / _mvtec_mask(rel), dest / folder / _mvtec_mask(rel), mask=True)
     shutil.copy(src / "mvtec/bottle/license.txt", dest / "mvtec/bottle/license.txt")
-    for rel in _PICKS["glass"]:
-        _downscale(src / "glass" / rel, dest / "glass" / rel)
-        if "/good/" not in rel:
-            kind, name = rel.split("/")[-2:]
-            m = f"ground_truth/{kind}/{name.replace('.png', '_mask.png')}"
-            _downscale(src / "glass" / m, dest / "glass" / m, mask=True)
     # VisA: first test rows per object and label of the official split file
     with open(src / "visa/split_csv/1cls.csv", newline="") as f:
         rows = list(csv.DictReader(f))
