@@ -5,6 +5,7 @@
     adaclip validate m.csv --root data              every problem in a manifest
     adaclip sources                                 where each dataset comes from
     adaclip download mvtec --root data              resumable, checksummed download + extract
+    adaclip download mvtec --root data --url URL    the same from another link (--sha256 HASH to check it)
     adaclip train --train sample/mvtec.csv --root sample --run r --backbone adaclip-tiny --pretrained none --image-size 64
     adaclip evaluate --checkpoint results/r/model.pt --test sample/visa.csv --root sample --run r
     adaclip pipeline --run default                  run notebooks 00-03 with papermill
@@ -30,6 +31,8 @@ def _manifest(args) -> int:
 
     root = resolve_root(args.root)
     kwargs = {"category": args.category} if args.category else {}
+    if args.strips:
+        kwargs["strips"] = args.strips
     df = build_manifest(args.dataset, root, folder=args.folder, name=args.name, **kwargs)
     check(df, root, deep=not args.quick)
     write_manifest(df, args.out)
@@ -54,10 +57,14 @@ def _sources(args) -> int:
 
 
 def _download(args) -> int:
-    from .data.download import fetch
+    from .data.download import DownloadError, fetch
     from .data.registry import resolve_root
 
-    print(fetch(args.dataset, resolve_root(args.root)))
+    try:
+        print(fetch(args.dataset, resolve_root(args.root), url=args.url, sha256=args.sha256))
+    except DownloadError as e:
+        print(f"adaclip download: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -134,6 +141,8 @@ def main(argv=None) -> int:
     m.add_argument("--folder", default=None, help="folder under the root (default: the adapter's)")
     m.add_argument("--name", default=None, help="value of the dataset column")
     m.add_argument("--category", default=None, help="category name (folder adapter)")
+    m.add_argument("--strips", type=int, default=None,
+                   help="ksdd: one row per horizontal part of each image (3 = the reference's cut)")
     m.add_argument("--out", required=True)
     m.add_argument("--quick", action="store_true", help="check headers only, do not decode every file")
     m.set_defaults(fn=_manifest)
@@ -149,6 +158,9 @@ def main(argv=None) -> int:
     d = sub.add_parser("download", help="download and extract a dataset")
     d.add_argument("dataset")
     d.add_argument("--root", default=None)
+    d.add_argument("--url", default=None, help="download from this link instead of the known ones (e.g. a mirror)")
+    d.add_argument("--sha256", default=None,
+                   help="expected sha256 of the archive (default: the published one; '' skips the check)")
     d.set_defaults(fn=_download)
 
     t = sub.add_parser("train", help="train prompts on annotated manifests")

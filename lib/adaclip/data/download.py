@@ -3,6 +3,10 @@ and where every other dataset comes from and which folder it must end up in.
 
     adaclip sources                       # the table below
     adaclip download mvtec --root data    # -> data/mvtec/<category>/...
+    adaclip download mvtec --root data --url https://mirror/mvtec.tar.xz --sha256 HASH   # a link died
+
+Automatic: MVTec AD, VisA, BTAD and KolektorSDD (sha256 as published), Kvasir-SEG (no published
+checksum: the first download's hash is recorded and later ones are checked against it).
 """
 from __future__ import annotations
 
@@ -23,43 +27,62 @@ class Source:
     name: str
     folder: str             # under the data root, as the adapters expect
     where: str              # homepage / how to get it
-    url: str = ""           # direct archive (stable public link), if any
-    sha256: str = ""
+    urls: tuple = ()        # direct archive links, tried in order (a dead mirror is not fatal)
+    sha256: str = ""        # published checksum; empty: the first download's hash is recorded instead
     layout: str = ""
     archive_root: str = ""  # folder inside the archive that holds the layout (moved up on extraction)
+    filename: str = ""      # archive name on disk (default: the last part of the first URL)
+
+    @property
+    def archive_name(self) -> str:
+        return self.filename or Path(self.urls[0]).name
 
 
 SOURCES = {s.name: s for s in [
+    # The first MVTec AD link is the one anomalib downloads today; the second is the older link its
+    # users reported dead (HTTP 404, anomalib issue #3441), kept in case it comes back. Same archive.
     Source("mvtec", "mvtec", "https://www.mvtec.com/company/research/datasets/mvtec-ad (CC BY-NC-SA 4.0)",
-           "https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f282/download/420938113-1629952094/"
-           "mvtec_anomaly_detection.tar.xz",
+           ("https://www.mydrive.ch/shares/150996/b52ecdcbf521176e9db9c731f2304b27/download/420938113-1629960298/"
+            "mvtec_anomaly_detection.tar.xz",
+            "https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f282/download/420938113-1629952094/"
+            "mvtec_anomaly_detection.tar.xz"),
            "cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d",
            "<category>/{train,test}/<type>/*.png, <category>/ground_truth/<type>/*_mask.png"),
     Source("visa", "visa", "https://github.com/amazon-science/spot-diff (CC BY 4.0)",
-           "https://amazon-visual-anomaly.s3.us-west-2.amazonaws.com/VisA_20220922.tar",
+           ("https://amazon-visual-anomaly.s3.us-west-2.amazonaws.com/VisA_20220922.tar",),
            "2eb8690c803ab37de0324772964100169ec8ba1fa3f7e94291c9ca673f40f362",
            "<object>/Data/{Images,Masks}/..., split_csv/1cls.csv (copy it from spot-diff if missing)"),
     Source("mpdd", "mpdd", "https://github.com/stepanje/MPDD", layout="MVTec AD layout"),
-    Source("btad", "btad", "http://avires.dimi.uniud.it/papers/btad/btad.zip (BTech)",
-           layout="01|02|03/{train/ok,test/{ok,ko},ground_truth/ko}"),
-    Source("ksdd", "ksdd", "https://www.vicos.si/resources/kolektorsdd/ (KolektorSDD v1)",
-           layout="kosNN/PartK.jpg + PartK_label.bmp"),
+    Source("btad", "btad", "https://avires.dimi.uniud.it/papers/btad/btad.zip (BTech)",
+           ("https://avires.dimi.uniud.it/papers/btad/btad.zip",),
+           "461c9387e515bfed41ecaae07c50cf6b10def647b36c9e31d239ab2736b10d2a",
+           layout="01|02|03/{train/ok,test/{ok,ko},ground_truth/ko}", archive_root="BTech_Dataset_transformed"),
+    Source("ksdd", "ksdd", "https://www.vicos.si/resources/kolektorsdd/ (KolektorSDD v1, CC BY-NC-SA 4.0)",
+           ("https://go.vicos.si/kolektorsdd",),
+           "65dc621693418585de9c4467d1340ea7958a6181816f0dc2883a1e8b61f9d4dc",
+           layout="kosNN/PartK.jpg + PartK_label.bmp (adapter option strips=3 cuts each image in three as the reference)",
+           filename="KolektorSDD.zip"),
     Source("dagm", "dagm", "https://hci.iwr.uni-heidelberg.de/content/weakly-supervised-learning-industrial-optical-inspection",
            layout="ClassN/{Train,Test}/NNNN.PNG + Label/NNNN_label.PNG"),
     Source("dtd", "dtd", "https://drive.google.com/drive/folders/10OyPzvI3H6llCZBxKxFlKWt1Pw1tkMK1 (DTD-Synthetic, Aota et al. WACV 2023)",
            layout="MVTec AD layout"),
     Source("headct", "headct", "https://www.kaggle.com/datasets/felipekitamura/head-ct-hemorrhage",
-           layout="head_ct/NNN.png + labels.csv"),
+           layout="labels.csv + head_ct/NNN.png (Kaggle's zip nests them: head_ct/head_ct/NNN.png; both are read)"),
     Source("brainmri", "brainmri", "https://www.kaggle.com/datasets/navoneel/brain-mri-images-for-brain-tumor-detection",
            layout="no/*.jpg, yes/*.jpg"),
     Source("br35h", "br35h", "https://www.kaggle.com/datasets/ahmedhamada0/brain-tumor-detection",
            layout="no/*.jpg, yes/*.jpg"),
     Source("isic", "isic", "https://challenge.isic-archive.com/data/#2016 (ISBI 2016 Part 1)",
            layout="ISBI2016_ISIC_Part1_Test_Data/, ISBI2016_ISIC_Part1_Test_GroundTruth/"),
-    Source("colondb", "colondb", "http://vi.cvc.uab.es/colon-qa/cvccolondb/", layout="images/, masks/"),
+    # The owner's page serves .bmp frames with masks in another layout; what the adapter reads (and
+    # what the zero-shot papers evaluate) is the PraNet test-set repack (TestDataset/CVC-ColonDB).
+    Source("colondb", "colondb", "PraNet's test-set repack (github.com/DengPingFan/PraNet, TestDataset/CVC-ColonDB); "
+           "the owner's page http://vi.cvc.uab.es/colon-qa/cvccolondb/ serves .bmp frames in another layout",
+           layout="images/, masks/ (PraNet repack)"),
     Source("clinicdb", "clinicdb", "https://polyp.grand-challenge.org/CVCClinicDB/",
            layout="Original/, Ground Truth/ (or PNG/Original, PNG/Ground Truth)"),
-    Source("kvasir", "kvasir", "https://datasets.simula.no/kvasir-seg/", "https://datasets.simula.no/downloads/kvasir-seg.zip",
+    # no published checksum: the first download's sha256 is recorded and later downloads must match it
+    Source("kvasir", "kvasir", "https://datasets.simula.no/kvasir-seg/", ("https://datasets.simula.no/downloads/kvasir-seg.zip",),
            layout="images/, masks/", archive_root="Kvasir-SEG"),
     Source("tn3k", "tn3k", "https://github.com/haifangong/TRFE-Net-for-thyroid-nodule-segmentation",
            layout="{trainval,test}-image/, {trainval,test}-mask/"),
@@ -129,27 +152,54 @@ def extract(archive: Union[str, Path], dest: Union[str, Path]) -> Path:
 
 
 def fetch(name: str, root: Union[str, Path], url: Optional[str] = None, sha256: Optional[str] = None) -> Path:
-    """Download and extract dataset ``name`` into ``root/<folder>``; resumes; skips when done."""
+    """Download and extract dataset ``name`` into ``root/<folder>``; resumes; skips when done.
+
+    The source's links are tried in order until one gives the expected file; ``url`` (and
+    ``sha256``) replace them, e.g. when every known link has died. A source without a published
+    checksum has the first download's sha256 recorded beside the archive (``<archive>.sha256``),
+    and later downloads must match it.
+    """
     if name not in SOURCES:
         raise ValueError(f"unknown dataset {name!r}; known: {sorted(SOURCES)}")
     src = SOURCES[name]
-    url = url or src.url
-    if not url:
+    urls = [url] if url else list(src.urls)
+    if not urls:
         raise DownloadError(f"{name} has no stable public archive; get it from {src.where} and put it in "
                             f"{Path(root) / src.folder} as: {src.layout}")
     target = Path(root) / src.folder
     done = target / ".adaclip-extracted"
     if done.is_file():
         return target
-    archive = download(url, Path(root) / ".downloads" / Path(url).name,
-                       src.sha256 if sha256 is None else sha256)
+    archive = Path(root) / ".downloads" / src.archive_name
+    expected = src.sha256 if sha256 is None else sha256
+    recorded = archive.with_name(archive.name + ".sha256")
+    if not expected and sha256 is None and recorded.is_file():
+        expected = recorded.read_text().split()[0]
+    errors = []
+    for link in urls:
+        try:
+            download(link, archive, expected)
+            break
+        except DownloadError as e:
+            errors.append(f"  {link}: {e}")
+    else:
+        raise DownloadError(
+            f"could not download {name} from any of its {len(urls)} link(s):\n" + "\n".join(errors) +
+            f"\nIf every link is dead, find the archive elsewhere ({src.where}) and run "
+            f"`adaclip download {name} --url URL [--sha256 HASH]`, or unpack it yourself into "
+            f"{target} as: {src.layout}")
+    if not expected:
+        digest = sha256sum(archive)
+        recorded.write_text(f"{digest}  {archive.name}\n")
+        print(f"{name}: no published checksum; recorded sha256 {digest} in {recorded}; "
+              f"later downloads are checked against it")
     extract(archive, target)
     if src.archive_root and (target / src.archive_root).is_dir():
         inner = target / src.archive_root
         for item in inner.iterdir():
             os.replace(item, target / item.name)
         inner.rmdir()
-    done.write_text(f"{url}\n")
+    done.write_text(f"{archive.name}\n")
     return target
 
 
@@ -157,5 +207,5 @@ def sources_table():
     """A pandas table: dataset, folder under the data root, where to get it, expected layout."""
     import pandas as pd
 
-    return pd.DataFrame([dict(dataset=s.name, folder=s.folder, download="auto" if s.url else "manual",
+    return pd.DataFrame([dict(dataset=s.name, folder=s.folder, download=("auto, sha256-checked" if s.sha256 else "auto, unchecked on first download") if s.urls else "manual",
                               where=s.where, layout=s.layout) for s in SOURCES.values()])
