@@ -11,7 +11,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from . import runs
-from .data.images import load_image, load_mask
+from .data.images import load_pair
 
 RANDOM_WEIGHTS = runs.RANDOM_WEIGHTS   # the figure title of random-weight runs
 
@@ -45,8 +45,8 @@ def sample_grid(df: pd.DataFrame, root: Union[str, Path], per_dataset: int = 4, 
             if c >= len(sel):
                 continue
             row = sel.iloc[c]
-            image = np.asarray(load_image(Path(root) / row["image"]))
-            mask = load_mask(Path(root) / row["mask"]) if row["mask"] else None
+            image, mask = load_pair(root, row["image"], row["mask"], row.get("crop", ""))
+            image, mask = np.asarray(image), (mask if row["mask"] else None)
             state = "anomalous" if row.label else "normal"
             overlay(ax, image, mask, title=f"{row.dataset}/{row.category}\n{state}")
     fig.tight_layout()

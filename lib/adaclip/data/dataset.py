@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .images import ImageError, load_image, load_mask
+from .images import ImageError, load_pair
 from .manifest import ManifestError, pixel_annotated
 
 
@@ -40,17 +40,9 @@ class AnomalyDataset(Dataset):
         row = self.df.iloc[i]
         where = f"{self.df.attrs.get('path', 'manifest')} row {i + 2}"
         try:
-            image = load_image(self.root / row["image"])
-            if row["mask"]:
-                mask = load_mask(self.root / row["mask"])
-                if mask.shape != (image.height, image.width):
-                    raise ImageError(f"mask {row['mask']} is {mask.shape[1]}x{mask.shape[0]} but image "
-                                     f"{row['image']} is {image.width}x{image.height}")
-            else:
-                mask = np.zeros((image.height, image.width), np.uint8)
+            return load_pair(self.root, row["image"], row["mask"], row.get("crop", ""))
         except ImageError as e:
             raise ManifestError(f"{where}: {e}") from e
-        return image, mask
 
     def _mosaic(self, i: int) -> tuple[Image.Image, np.ndarray, int]:
         same = self.df.index[self.df["category"] == self.df.at[i, "category"]].tolist()

@@ -7,6 +7,7 @@ except in lossy (JPEG) masks, whose compression noise is cut at half the range.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional, Union
 
 import numpy as np
 from PIL import Image
@@ -60,3 +61,41 @@ def load_mask(path) -> np.ndarray:
         hi = 65535 if a.dtype == np.uint16 else 255
         return (a > hi // 2).astype(np.uint8)
     return (a > 0).astype(np.uint8)
+
+
+def parse_crop(crop: str) -> Optional[tuple[int, int, int, int]]:
+    """A manifest ``crop`` value ``"x0,y0,x1,y1"`` (pixels, PIL box) -> tuple; ``""`` -> None."""
+    if crop is None or crop != crop or crop == "":       # empty, None or NaN (concatenated manifests)
+        return None
+    try:
+        box = tuple(int(v) for v in str(crop).split(","))
+    except ValueError:
+        box = ()
+    if len(box) != 4 or box[0] < 0 or box[1] < 0 or box[2] <= box[0] or box[3] <= box[1]:
+        raise ImageError(f"crop {crop!r} is not 'x0,y0,x1,y1' with 0 <= x0 < x1 and 0 <= y0 < y1")
+    return box
+
+
+def check_crop(crop: str, size: tuple[int, int], what: str) -> None:
+    box = parse_crop(crop)
+    if box is not None and (box[2] > size[0] or box[3] > size[1]):
+        raise ImageError(f"crop {crop} lies outside {what}, which is {size[0]}x{size[1]}")
+
+
+def load_pair(root: Union[str, Path], image: str, mask: str = "", crop: str = "") -> tuple[Image.Image, np.ndarray]:
+    """One manifest row's image (8-bit RGB) and mask ((H, W) {0, 1}; zeros when ``mask`` is empty),
+    checked to be the same size and cut to ``crop`` when the row has one (KolektorSDD strips)."""
+    root = Path(root)
+    im = load_image(root / image)
+    if mask:
+        m = load_mask(root / mask)
+        if m.shape != (im.height, im.width):
+            raise ImageError(f"mask {mask} is {m.shape[1]}x{m.shape[0]} but image {image} is "
+                             f"{im.width}x{im.height}")
+    else:
+        m = np.zeros((im.height, im.width), np.uint8)
+    box = parse_crop(crop)
+    if box is not None:
+        check_crop(crop, im.size, f"image {image}")
+        im, m = im.crop(box), m[box[1]:box[3], box[0]:box[2]]
+    return im, m

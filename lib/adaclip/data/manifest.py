@@ -1,9 +1,10 @@
 """CSV manifests: one row per image, paths relative to a data root given at run time.
 
 Columns (see data_manifests/README.md):
-    dataset, category, split, label, image, mask, defect_type
+    dataset, category, split, label, image, mask, defect_type [, crop]
 label is 0 (normal) or 1 (anomalous); mask is empty when the image has no pixel annotation
-(normal images of pixel-annotated datasets need none: their mask is all zeros).
+(normal images of pixel-annotated datasets need none: their mask is all zeros). The optional
+``crop`` column ("x0,y0,x1,y1") makes a row one part of its image (KolektorSDD strips).
 """
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from typing import Iterable, Optional, Union
 import pandas as pd
 
 from ..io import write_csv
-from .images import ImageError, open_checked
+from .images import ImageError, check_crop, open_checked, parse_crop
 
 COLUMNS = ["dataset", "category", "split", "label", "image", "mask", "defect_type"]
+CROP = "crop"           # optional column: only written when some row uses it
 DATA_ROOT_ENV = "ADACLIP_DATA_ROOT"
 
 
@@ -32,15 +34,22 @@ def data_root(root: Union[str, Path, None] = None) -> Path:
 
 def make_manifest(rows: Iterable[dict]) -> pd.DataFrame:
     """Rows -> a manifest DataFrame in canonical column order, sorted for stable files."""
-    df = pd.DataFrame(list(rows), columns=COLUMNS)
-    df["mask"] = df["mask"].fillna("")
-    df["defect_type"] = df["defect_type"].fillna("")
+    rows = list(rows)
+    cropped = any(r.get(CROP) for r in rows)
+    df = pd.DataFrame(rows, columns=COLUMNS + ([CROP] if cropped else []))
+    for column in ("mask", "defect_type") + ((CROP,) if cropped else ()):
+        df[column] = df[column].fillna("")
     df["label"] = df["label"].astype(int)
     return df.sort_values(["dataset", "category", "split", "image"], kind="stable").reset_index(drop=True)
 
 
+def columns(df: pd.DataFrame) -> list[str]:
+    """The manifest columns of ``df``: the required ones, plus ``crop`` when any row uses it."""
+    return COLUMNS + ([CROP] if CROP in df.columns and (df[CROP] != "").any() else [])
+
+
 def write_manifest(df: pd.DataFrame, path: Union[str, Path]) -> Path:
-    write_csv(path, df[COLUMNS])
+    write_csv(path, df[columns(df)])
     return Path(path)
 
 
@@ -60,6 +69,15 @@ def read_manifest(path: Union[str, Path]) -> pd.DataFrame:
     absolute = [f"row {i + 2}: {p}" for i, p in enumerate(df["image"]) if os.path.isabs(p)]
     if absolute:
         raise ManifestError(f"manifest {path}: paths must be relative to the data root; " + "; ".join(absolute[:10]))
+    if CROP in df.columns:
+        bad = []
+        for i, c in enumerate(df[CROP]):
+            try:
+                parse_crop(c)
+            except ImageError as e:
+                bad.append(f"row {i + 2}: {e}")
+        if bad:
+            raise ManifestError(f"manifest {path}: " + "; ".join(bad[:10]))
     df["label"] = df["label"].astype(int)
     df.attrs["path"] = str(path)
     df.attrs["paths"] = [str(path)]
@@ -69,6 +87,8 @@ def read_manifest(path: Union[str, Path]) -> pd.DataFrame:
 def read_manifests(paths: Union[str, Path, Iterable[Union[str, Path]]]) -> pd.DataFrame:
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     df = pd.concat([read_manifest(p) for p in paths], ignore_index=True)
+    if CROP in df.columns:
+        df[CROP] = df[CROP].fillna("")
     df.attrs = {"path": ", ".join(map(str, paths)), "paths": [str(p) for p in paths]}
     return df
 
@@ -95,6 +115,12 @@ def validate(df: pd.DataFrame, root: Union[str, Path], deep: bool = True, worker
         if str(row.label) not in ("0", "1"):
             problems.append(f"{where}: label {row.label!r} is not 0 or 1")
         size = _check_file(root / row.image, f"{where}: image", deep, problems)
+        crop = getattr(row, CROP, "")
+        if size and crop:
+            try:
+                check_crop(crop, size, f"image {row.image}")
+            except ImageError as e:
+                problems.append(f"{where}: {e}")
         if row.mask:
             msize = _check_file(root / row.mask, f"{where}: mask", deep, problems)
             if size and msize and size != msize:
@@ -129,11 +155,18 @@ def _check_file(path: Path, what: str, deep: bool, problems: list) -> Optional[t
 
 def check_disjoint(train: pd.DataFrame, test: pd.DataFrame, allow_overlap: bool = False) -> None:
     """Zero-shot means unseen data: refuse train/test manifests that share an image."""
-    shared = sorted(set(train["image"]) & set(test["image"]))
+    shared = sorted(set(_row_keys(train)) & set(_row_keys(test)))
     if shared and not allow_overlap:
         raise ManifestError(f"{len(shared)} image(s) are in both the training and the test manifests "
                             f"(e.g. {shared[:3]}); zero-shot evaluation needs unseen data. Pass "
                             f"allow_overlap=True only if you mean it.")
+
+
+def _row_keys(df: pd.DataFrame) -> list[str]:
+    """What a row shows: its image, or the part of it that ``crop`` cuts out."""
+    if CROP not in df.columns:
+        return list(df["image"])
+    return [f"{image}[{crop}]" if crop else image for image, crop in zip(df["image"], df[CROP])]
 
 
 def counts(df: pd.DataFrame) -> pd.DataFrame:

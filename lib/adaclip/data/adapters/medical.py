@@ -1,7 +1,8 @@
 """Medical datasets in their original layouts.
 
 Image-level only (no masks; pixel metrics skip them):
-    HeadCT     head_ct/NNN.png + labels.csv (id, hemorrhage)          (Kaggle "Head CT - hemorrhage")
+    HeadCT     head_ct/NNN.png + labels.csv (id, hemorrhage)          (Kaggle "Head CT - hemorrhage";
+               its zip nests the images once more: head_ct/head_ct/NNN.png beside labels.csv)
     BrainMRI   {no,yes}/*.jpg                                         (Kaggle "Brain MRI Images for Brain Tumor Detection")
     Br35H      {no,yes}/*.jpg                                         (Kaggle "Br35H :: Brain Tumor Detection 2020")
 Segmentation sets (every image anomalous; image-level metrics are undefined there):
@@ -29,6 +30,8 @@ def _find(folder: Path, pattern: str, what: str) -> Path:
 def headct_layout(folder: Path, root: Path, dataset: str, category: str = "headct") -> list[dict]:
     labels = _find(folder, "labels.csv", "head_ct/NNN.png with labels.csv (id, hemorrhage)")
     images_dir = labels.parent / "head_ct"
+    if not images_in(images_dir) and images_in(images_dir / "head_ct"):
+        images_dir = images_dir / "head_ct"          # as the Kaggle download unpacks
     rows = []
     with open(labels, newline="") as f:
         reader = csv.reader(f)
