@@ -66,7 +66,8 @@ def test_pixel_metrics_match_sklearn_and_slow_aupro(seed, ties):
     p, r, _ = precision_recall_curve(y, s)
     f1 = np.nanmax(2 * p * r / np.maximum(p + r, 1e-12))
     assert got["pixel_f1"] == pytest.approx(f1, abs=1e-5)
-    assert got["pixel_aupro"] == pytest.approx(slow_aupro(masks, maps), abs=1e-3)
+    # measured: equal to ~1e-16 (continuous scores rarely share one of the 2^20 bins)
+    assert got["pixel_aupro"] == pytest.approx(slow_aupro(masks, maps), abs=1e-6)
 
 
 def test_aupro_known_answer():
@@ -83,6 +84,43 @@ def test_aupro_known_answer():
     perfect = PixelAccumulator()
     perfect.update(m.astype(float), m)
     assert perfect.compute()[0]["pixel_aupro"] == pytest.approx(1.0)
+
+
+def test_aupro_regions_are_eight_connected():
+    """MVTec AD's regions are 8-connected: pixels touching only at a corner form one region.
+
+    Defect pixels (0,0), (0,1) and (1,2): (1,2) touches (0,1) diagonally only. 8-connected: one
+    region of 3 pixels; the two scored 0.9 cover 2/3 of it at FPR 0, so AUPRO is 2/3. With
+    4-connectivity the regions would be {(0,0), (0,1)} (fully covered) and {(1,2)} (not): 1/2.
+    """
+    m = np.zeros((3, 5), np.uint8)
+    m[0, 0] = m[0, 1] = m[1, 2] = 1
+    s = np.full((3, 5), 0.5)
+    s[0, 0] = s[0, 1] = 0.9
+    s[1, 2] = 0.1
+    acc = PixelAccumulator()
+    acc.update(s, m)
+    assert acc.regions == 1
+    assert acc.compute()[0]["pixel_aupro"] == pytest.approx(2 / 3, abs=1e-9)
+    assert slow_aupro([m], [s]) == pytest.approx(2 / 3, abs=1e-9)
+
+
+def test_image_f1_is_the_maximum_over_thresholds():
+    """F1-max is the best F1 over every threshold, here checked by brute force."""
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 40)
+    scores = np.round(rng.random(40) + 0.4 * labels, 2)              # ties too
+    best, best_t = 0.0, None
+    for t in np.unique(scores):
+        d = scores >= t
+        tp = (d & (labels == 1)).sum()
+        f1 = 2 * tp / (d.sum() + labels.sum())
+        if f1 > best:
+            best, best_t = f1, t
+    got, _ = image_metrics(labels, scores)
+    assert got["image_f1"] == pytest.approx(best, abs=1e-12)
+    assert got["image_threshold"] == pytest.approx(best_t)
+    assert best > 0.75                                                # far from the worst threshold's F1
 
 
 def test_image_metrics_match_sklearn():
