@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from adaclip import cli
-from adaclip.data.registry import RESULTS_DIR
+from adaclip.data.registry import results_root
 
 
 def test_manifest_validate_sources(tmp_path, capsys):
@@ -17,19 +17,16 @@ def test_manifest_validate_sources(tmp_path, capsys):
     assert "mvtec" in capsys.readouterr().out
 
 
-def test_train_then_evaluate(capsys):
-    run = "_pytest_cli"
-    try:
-        assert cli.main(["train", "--train", "sample/mvtec.csv", "--root", "sample", "--run", run, "--backbone",
-                         "adaclip-tiny", "--pretrained", "none", "--image-size", "32", "--prompt-depth", "2",
-                         "--prompt-length", "2", "--k-clusters", "3", "--epochs", "1", "--batch-size", "8"]) == 0
-        assert (RESULTS_DIR / run / "model.pt").is_file()
-        assert cli.main(["evaluate", "--checkpoint", str(RESULTS_DIR / run / "model.pt"), "--test", "sample/kvasir.csv",
-                         "--root", "sample", "--run", run]) == 0
-        assert "kvasir" in capsys.readouterr().out
-    finally:
-        import shutil
-        shutil.rmtree(RESULTS_DIR / run, ignore_errors=True)
+def test_train_then_evaluate(capsys, results_in_tmp):
+    run = "cli"
+    assert results_root() == results_in_tmp                # never the repository's results/
+    assert cli.main(["train", "--train", "sample/mvtec.csv", "--root", "sample", "--run", run, "--backbone",
+                     "adaclip-tiny", "--pretrained", "none", "--image-size", "32", "--prompt-depth", "2",
+                     "--prompt-length", "2", "--k-clusters", "3", "--epochs", "1", "--batch-size", "8"]) == 0
+    assert (results_in_tmp / run / "model.pt").is_file()
+    assert cli.main(["evaluate", "--checkpoint", str(results_in_tmp / run / "model.pt"), "--test", "sample/kvasir.csv",
+                     "--root", "sample", "--run", run]) == 0
+    assert "kvasir" in capsys.readouterr().out
 
 
 def test_unknown_dataset_is_a_clear_error():

@@ -94,9 +94,40 @@ def test_dataset_items(tmp_path):
 
 
 def test_mosaic_augmentation(tmp_path):
-    ds = AnomalyDataset(_tree(tmp_path), tmp_path, TRANSFORM, 32, aug_rate=1.0)
-    item = ds[0]
-    assert item["image"].shape == (3, 32, 32) and item["label"] in (0, 1)
+    """When it fires: a 2x2 mosaic of the item's own image (top left) and three other images of its
+    category, masks tiled the same way, labelled anomalous if any tile is; never across categories."""
+    colours, rows = {}, []
+    for k in range(5):
+        category = "widget" if k < 4 else "other"
+        a = np.full((16, 16, 3), 40 * k + 20, np.uint8)
+        save(a, tmp_path / f"d/{k}.png")
+        m = np.zeros((16, 16), np.uint8)
+        if k in (1, 2):
+            m[0:8, 0:8] = 255                                       # top-left quarter of tiles 1 and 2
+            save(m, tmp_path / f"d/{k}_mask.png")
+        colours[40 * k + 20] = k
+        rows.append(dict(dataset="d", category=category, split="test", label=int(k in (1, 2)), image=f"d/{k}.png",
+                         mask=f"d/{k}_mask.png" if k in (1, 2) else "", defect_type="bad" if k in (1, 2) else ""))
+    df = make_manifest(rows)
+    identity = lambda im: torch.from_numpy(np.asarray(im).copy())    # noqa: E731  (pixels, no normalisation)
+    plain = AnomalyDataset(df, tmp_path, identity, 32, aug_rate=0.0)
+    mosaic = AnomalyDataset(df, tmp_path, identity, 32, aug_rate=1.0)
+    i = int(np.flatnonzero(df.image == "d/0.png")[0])
+    assert plain[i]["image"].shape == (16, 16, 3) and len(set(plain[i]["image"][..., 0].flatten().tolist())) == 1
+    seen = set()
+    for _ in range(6):
+        item = mosaic[i]
+        img, mask = item["image"][..., 0].numpy(), item["mask"].numpy()
+        tiles = [colours[int(img[y, x])] for y, x in ((0, 0), (0, 16), (16, 0), (16, 16))]
+        assert tiles[0] == 0 and len(set(tiles)) == 4 and 4 not in tiles      # itself first, same category only
+        for t, (y, x) in zip(tiles, ((0, 0), (0, 16), (16, 0), (16, 16))):
+            assert (img[y:y + 16, x:x + 16] == 40 * t + 20).all()
+            quarter = mask[y:y + 8, x:x + 8]
+            assert quarter.all() if t in (1, 2) else not quarter.any()
+            assert not mask[y + 8:y + 16, x:x + 16].any() and not mask[y:y + 16, x + 8:x + 16].any()
+        assert item["label"] == 1                                    # tiles 1 and 2 are always among the three
+        seen.add(tuple(tiles))
+    assert len(seen) > 1                                             # the other tiles are drawn at random
 
 
 def test_image_level_dataset_has_no_masks(tmp_path):

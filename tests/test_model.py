@@ -86,13 +86,37 @@ def test_layer0_text_prompt_is_unused(images):
 
 
 def test_hsf_off_uses_class_feature_only(images):
+    """use_hsf=False: the image score is softmax(100 · normalize(cls_proj(f)) · T)[abnormal], where f is
+    the prompted pass's pooled feature, computed here by hand from the model's parts; the patch
+    projections (HSF's input) then no longer move it."""
+    from adaclip.model.backbone import encode_image
     torch.manual_seed(0)
     cfg = AdaCLIPConfig.tiny()
-    cfg.fusion = FusionCfg(use_hsf=False)
+    cfg.fusion = FusionCfg(use_hsf=False, k_clusters=3)
     model = AdaCLIP.from_config(cfg).eval()
     with torch.no_grad():
         out = model(images, "bottle")
-    assert out.image_scores.shape == (3,)
+        f0, _ = encode_image(model.clip.visual, images, ())
+        dyn_v, dyn_t = model.visual_prompts.generate(f0), model.text_prompts.generate(f0)
+        f, _ = encode_image(model.clip.visual, images, (), model.visual_prompts.layer_prompts(dyn_v))
+        g = torch.nn.functional.normalize(model.cls_proj(f), dim=-1)                       # (B, D)
+        text = model.text_features(["bottle"] * 3, dyn_t)                                   # (B, D, 2)
+        by_hand = torch.softmax(100 * torch.einsum("bd,bdc->bc", g, text), dim=-1)[:, 1]
+        torch.testing.assert_close(out.image_scores, by_hand, rtol=1e-5, atol=1e-6)
+        for proj in model.patch_proj:
+            proj.weight.add_(torch.randn_like(proj.weight))
+        moved = model(images, "bottle")
+    torch.testing.assert_close(moved.image_scores, out.image_scores)
+    assert not torch.allclose(moved.pixel_scores, out.pixel_scores)
+    # with HSF on, the same change to the patch projections does move the image score
+    cfg.fusion = FusionCfg(use_hsf=True, k_clusters=3)
+    torch.manual_seed(0)
+    hsf = AdaCLIP.from_config(cfg).eval()
+    with torch.no_grad():
+        before = hsf(images, "bottle").image_scores
+        for proj in hsf.patch_proj:
+            proj.weight.add_(torch.randn_like(proj.weight))
+        assert not torch.allclose(hsf(images, "bottle").image_scores, before)
 
 
 def test_text_features_match_stock_encoder(images):

@@ -10,7 +10,7 @@ from adaclip.data import ManifestError, build_manifest
 from adaclip.data.synthetic import make_synthetic
 from adaclip.evaluate import evaluate
 from adaclip.losses import dice_loss, focal_loss
-from adaclip.train import load_log, seed_everything, train
+from adaclip.train import load_log, seed_everything, split_validation, train
 
 
 @pytest.fixture(scope="module")
@@ -104,12 +104,56 @@ def test_run_folder_contents(synthetic, tmp_path):
     assert config["environment"]["packages"]["torch"] == torch.__version__.split("+")[0]
 
 
-def test_validation_selection_never_reads_test_data(synthetic, tmp_path):
+def test_validation_split_is_disjoint_and_stratified(synthetic):
+    _, train_df, _ = synthetic
+    rest, val = split_validation(train_df, 0.25, seed=111)
+    assert not set(rest.image) & set(val.image)
+    assert sorted(rest.image.tolist() + val.image.tolist()) == sorted(train_df.image)
+    for (cat, label), g in train_df.groupby(["category", "label"]):
+        assert len(val[(val.category == cat) & (val.label == label)]) == round(len(g) * 0.25)
+
+
+def test_validation_selection_picks_the_best_epoch(synthetic, tmp_path, monkeypatch):
+    """selection="val": each epoch is scored on a split of the training data that training never
+    loads (and test data is never read); model.pt is the best-scoring epoch, not the last."""
+    import adaclip.evaluate
+    import adaclip.train
     root, train_df, heldout = synthetic
-    train(cfg64(), TrainCfg(epochs=2, batch_size=4, selection="val", val_fraction=0.25), small(train_df, 12), root,
-          tmp_path, progress=False, test_manifests=heldout.assign(image="never/read.png"))
+    data = small(train_df, 12)
+    loaded = []
+
+    class Recording(adaclip.train.AnomalyDataset):
+        def __init__(self, df, *args, **kwargs):
+            loaded.append(set(df.image))
+            super().__init__(df, *args, **kwargs)
+
+    monkeypatch.setattr(adaclip.train, "AnomalyDataset", Recording)
+    monkeypatch.setattr(adaclip.evaluate, "AnomalyDataset", Recording)
+    planned = iter([0.2, 0.9, 0.5])                        # epoch 2 is best, epoch 3 is last
+    real_score = adaclip.train._selection_score
+    seen = []
+
+    def score(result):
+        seen.append(real_score(result))
+        return next(planned)
+
+    monkeypatch.setattr(adaclip.train, "_selection_score", score)
+    train(cfg64(), TrainCfg(epochs=3, batch_size=4, selection="val", val_fraction=0.25), data, root, tmp_path,
+          progress=False, test_manifests=heldout.assign(image="never/read.png"))
+    _, val = split_validation(data, 0.25, 111)
+    training, *validations = loaded
+    assert validations and all(v == set(val.image) for v in validations)
+    assert not training & set(val.image) and training | set(val.image) == set(data.image)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["selection"] == "val" and config["selected_epoch"] in (1, 2)
+    assert config["selection"] == "val" and config["selected_epoch"] == 2
+    assert config["selection_scores"] == {"1": 0.2, "2": 0.9, "3": 0.5}
+    best, chosen = _weights(tmp_path / "checkpoints/epoch_002.pt"), _weights(tmp_path / "model.pt")
+    assert all(torch.equal(best[k], chosen[k]) for k in best)
+    assert not all(torch.equal(best[k], v) for k, v in _weights(tmp_path / "checkpoints/epoch_003.pt").items())
+    # the criterion itself: mean pixel F1-max over the validation categories, for that epoch's weights
+    model = AdaCLIP.load(tmp_path / "checkpoints/epoch_003.pt")
+    metrics = evaluate(model, val, root, EvalCfg(batch_size=4, aupro=False), progress=False).metrics
+    assert seen[2] == pytest.approx(metrics[metrics.category != "mean"].pixel_f1.mean())
 
 
 def test_test_set_selection_is_an_explicit_option(synthetic, tmp_path):

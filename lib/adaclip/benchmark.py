@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import resource
 import time
+from typing import Optional
 
 import numpy as np
 import torch
@@ -40,9 +41,12 @@ def peak_memory_mb(device) -> float:
 
 
 def run(backbone: str = "ViT-B-16", image_size: int = 224, batch_size: int = 8, device: str = "cpu",
-        repeats: int = 3, pretrained=None) -> list[tuple[str, str]]:
+        repeats: int = 3, pretrained=None, cfg: Optional[AdaCLIPConfig] = None) -> list[tuple[str, str]]:
+    """(name, value) rows. ``cfg`` replaces the paper's prompt and fusion settings on ``backbone``
+    (e.g. ``AdaCLIPConfig.tiny()`` in the test suite)."""
     dev = torch.device(device)
-    cfg = AdaCLIPConfig.from_params(backbone, pretrained, image_size)
+    cfg = cfg or AdaCLIPConfig.from_params(backbone, pretrained, image_size)
+    backbone, image_size, pretrained = cfg.backbone.name, cfg.backbone.image_size, cfg.backbone.pretrained
     model = AdaCLIP(cfg).to(dev).eval()
     x = torch.randn(batch_size, 3, image_size, image_size, device=dev)
     names = ["bottle"] * batch_size

@@ -78,20 +78,20 @@ def _model_cfg(args):
 
 def _train(args) -> int:
     from .config import TrainCfg
-    from .data.registry import RESULTS_DIR, resolve_manifest, resolve_root
+    from .data.registry import resolve_manifest, resolve_root, results_root
     from .train import train
 
     cfg = TrainCfg(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, selection=args.selection)
     train(_model_cfg(args), cfg, [resolve_manifest(m) for m in args.train], resolve_root(args.root),
-          RESULTS_DIR / args.run, resume=args.resume,
+          results_root() / args.run, resume=args.resume,
           test_manifests=[resolve_manifest(m) for m in args.test] if args.test else None)
-    print(f"model: {RESULTS_DIR / args.run / 'model.pt'}")
+    print(f"model: {results_root() / args.run / 'model.pt'}")
     return 0
 
 
 def _evaluate(args) -> int:
     from . import AdaCLIP, AdaCLIPConfig, EvalCfg
-    from .data.registry import RESULTS_DIR, resolve_manifest, resolve_root
+    from .data.registry import resolve_manifest, resolve_root, results_root
     from .evaluate import evaluate
 
     if args.official:
@@ -99,7 +99,7 @@ def _evaluate(args) -> int:
     else:
         model = AdaCLIP.load(args.checkpoint, **({"pretrained": args.pretrained} if args.pretrained else {}))
     result = evaluate(model, [resolve_manifest(m) for m in args.test], resolve_root(args.root),
-                      EvalCfg(batch_size=args.batch_size, save_maps=args.save_maps), run_dir=RESULTS_DIR / args.run)
+                      EvalCfg(batch_size=args.batch_size, save_maps=args.save_maps), run_dir=results_root() / args.run)
     print(result.metrics.round(4).to_string(index=False))
     return 0
 

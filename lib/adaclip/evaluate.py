@@ -83,7 +83,7 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
                         np.savez_compressed(f, map=maps[j].astype(np.float16), image=df.at[i, "image"])
     model.train(was_training)
 
-    rows, scored = [], df[["dataset", "category", "image", "label"]].copy()
+    rows, scored = [], df[["dataset", "category", "image", *(["crop"] if "crop" in df else []), "label"]].copy()
     scored["score"], scored["threshold"], scored["decision"] = scores, np.nan, pd.NA
     for key in keys:
         sel = (df.dataset == key[0]).values & (df.category == key[1]).values

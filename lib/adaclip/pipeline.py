@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Optional
 
-from .data.registry import REPO_ROOT, RESULTS_DIR
+from .data.registry import REPO_ROOT, results_root
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 
@@ -50,7 +50,7 @@ def run_pipeline(run: str = "default", params: Optional[dict] = None, notebooks_
     if notebooks_to_run:
         wanted = list(notebooks_to_run)
         chosen = [p for p in chosen if p.name in wanted or p.stem in wanted or p.stem[:2] in wanted]
-    results_dir = Path(results_dir or RESULTS_DIR).resolve()
+    results_dir = Path(results_dir or results_root()).resolve()
     params.setdefault("results_dir", str(results_dir))
     declared = {nb: list(pm.inspect_notebook(str(nb))) for nb in notebooks()}
     known = set().union(*declared.values()) if declared else set()

@@ -91,7 +91,7 @@ def train(model_cfg: Union[AdaCLIPConfig, dict], train_cfg: Union[TrainCfg, dict
     seed_everything(cfg.seed)
     model = AdaCLIP(model_cfg).to(device)
     optimizer = torch.optim.AdamW(model.learnable_parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
-    start_epoch, step, best = 0, 0, {"score": -float("inf"), "epoch": None}
+    start_epoch, step, best = 0, 0, {"score": -float("inf"), "epoch": None, "scores": {}}
     log_path = run_dir / "train_log.csv"
 
     last = ckpt_dir / "last.pt"
@@ -159,8 +159,9 @@ def train(model_cfg: Union[AdaCLIPConfig, dict], train_cfg: Union[TrainCfg, dict
                                   EvalCfg(batch_size=cfg.batch_size, aupro=False), progress=False,
                                   validate_files=False)
                 score = _selection_score(result)
+                best.setdefault("scores", {})[str(epoch + 1)] = score
                 if score > best["score"]:
-                    best = {"score": score, "epoch": epoch + 1}
+                    best.update(score=score, epoch=epoch + 1)
             model.save(ckpt_dir / f"epoch_{epoch + 1:03d}.pt", epoch=epoch + 1, step=step)
             with atomic_path(last) as tmp:
                 torch.save({"epoch": epoch + 1, "step": step, "best": best, "model_config": model_cfg.to_dict(),
@@ -171,8 +172,9 @@ def train(model_cfg: Union[AdaCLIPConfig, dict], train_cfg: Union[TrainCfg, dict
     if chosen != cfg.epochs:
         load_state(model, read_checkpoint(ckpt_dir / f"epoch_{chosen:03d}.pt", device)["state_dict"], chosen)
     model.save(run_dir / "model.pt", epoch=chosen, selection=cfg.selection)
-    update_config(run_dir, selected_epoch=chosen, selection=cfg.selection, selection_score=best["score"]
-                  if best["epoch"] else None)
+    update_config(run_dir, selected_epoch=chosen, selection=cfg.selection,
+                  selection_score=best["score"] if best["epoch"] else None,
+                  selection_scores=best.get("scores") or None)
     return model
 
 

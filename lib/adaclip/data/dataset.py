@@ -20,7 +20,10 @@ class AnomalyDataset(Dataset):
 
     ``has_mask`` is False for rows without pixel ground truth (image-level datasets such as
     HeadCT), so pixel metrics can skip them instead of scoring them as all-normal.
-    ``aug_rate``: probability of a 2x2 mosaic of four same-category images (reference option).
+    ``aug_rate``: probability of a 2x2 mosaic (reference option, from APRIL-GAN): the item's own image
+    top left and three other images of its category, each resized to the item's size, masks tiled
+    alike; the mosaic is anomalous if any tile is. (The reference tiles four random images of the
+    category and keeps the drawn item's label, which need not describe them.)
     """
 
     def __init__(self, manifest: pd.DataFrame, root: Union[str, Path], transform: Callable,
@@ -45,8 +48,10 @@ class AnomalyDataset(Dataset):
             raise ManifestError(f"{where}: {e}") from e
 
     def _mosaic(self, i: int) -> tuple[Image.Image, np.ndarray, int]:
-        same = self.df.index[self.df["category"] == self.df.at[i, "category"]].tolist()
-        picks = [i] + self.rng.sample(same, 3) if len(same) >= 3 else [i] * 4
+        # the item itself, then three other images of its category (drawn with replacement only
+        # when the category has fewer than three others)
+        others = [j for j in self.df.index[self.df["category"] == self.df.at[i, "category"]] if j != i]
+        picks = [i] + (self.rng.sample(others, 3) if len(others) >= 3 else self.rng.choices(others or [i], k=3))
         tiles = [self._load(j) for j in picks]
         w, h = tiles[0][0].size
         canvas, mask = Image.new("RGB", (2 * w, 2 * h)), np.zeros((2 * h, 2 * w), np.uint8)

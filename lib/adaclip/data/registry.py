@@ -15,6 +15,7 @@ from .sample import SAMPLE_ROOT
 REPO_ROOT = Path(__file__).resolve().parents[3]
 MANIFEST_DIR = REPO_ROOT / "data_manifests"
 RESULTS_DIR = REPO_ROOT / "results"
+RESULTS_ENV = "ADACLIP_RESULTS_DIR"          # where run folders go instead (the tests use a temporary one)
 SHARED_ENV = "ADACLIP_SHARED_DATA"
 
 # manifest file (under data_manifests/) -> (adapter, named data root, folder under that root)
@@ -36,6 +37,11 @@ def resolve_root(root: Union[str, Path, None]) -> Path:
     if root == "shared":
         return Path(os.environ.get(SHARED_ENV) or REPO_ROOT.parent / "shared" / "datasets")
     return data_root(root)
+
+
+def results_root() -> Path:
+    """The folder that holds run folders: $ADACLIP_RESULTS_DIR, else the repository's results/."""
+    return Path(os.environ.get(RESULTS_ENV) or RESULTS_DIR)
 
 
 def resolve_manifest(path: Union[str, Path]) -> Path:
