@@ -32,3 +32,18 @@ def test_train_then_evaluate(capsys, results_in_tmp):
 def test_unknown_dataset_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown dataset"):
         cli.main(["manifest", "imagenet", "--root", "sample", "--out", "/tmp/x.csv"])
+
+
+def test_manifest_ksdd_strips(tmp_path):
+    import numpy as np
+    from PIL import Image
+    part = tmp_path / "ksdd" / "kos01"
+    part.mkdir(parents=True)
+    Image.new("RGB", (10, 30), (50, 50, 50)).save(part / "Part0.jpg")
+    m = np.zeros((30, 10), np.uint8)
+    m[25:28, 2:5] = 255
+    Image.fromarray(m).save(part / "Part0_label.bmp")
+    out = tmp_path / "ksdd.csv"
+    assert cli.main(["manifest", "ksdd", "--root", str(tmp_path), "--strips", "3", "--out", str(out)]) == 0
+    df = pd.read_csv(out, keep_default_na=False)
+    assert dict(zip(df.crop, df.label)) == {"0,0,10,10": 0, "0,10,10,20": 0, "0,20,10,30": 1}
