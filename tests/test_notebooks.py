@@ -31,20 +31,27 @@ def test_committed_without_outputs_and_with_parameters(path):
     assert list(pm.inspect_notebook(str(path))) == assigned
 
 
-def test_pipeline_runs_headless(tmp_path):
-    """00 -> 01 -> 02 -> 03 on the embedded sample with the tiny random backbone."""
+def test_pipeline_runs_headless(tmp_path, capfd):
+    """00 -> 01 -> 02, the clip baseline's 01 -> 02, then 03 comparing them, on the embedded sample
+    with the tiny random backbone; kernels on IPC sockets, so no kernel warning reaches the log."""
     run_pipeline("smoke", params={"epochs": 1}, results_dir=tmp_path)
+    assert "WARNING" not in capfd.readouterr().err
     run = tmp_path / "smoke"
-    for nb in NOTEBOOKS:
-        executed = json.loads((run / nb.name).read_text())
+    for nb in [*NOTEBOOKS, run / "baselines/clip/01_prompt_training.ipynb", run / "baselines/clip/02_evaluation.ipynb"]:
+        executed = json.loads((run / nb.name if nb in NOTEBOOKS else nb).read_text())
         assert not executed["metadata"]["papermill"]["exception"]
         assert all(c["metadata"]["papermill"]["status"] == "completed" for c in executed["cells"] if c["cell_type"] == "code")
     metrics = pd.read_csv(run / "metrics.csv")
     assert {"visa", "glass", "headct", "kvasir"} <= set(metrics.dataset)
     config = json.loads((run / "config.json").read_text())
     assert config["backbone_weights"] == "random" and config["train"]["epochs"] == 1
+    assert json.loads((run / "baselines/clip/config.json").read_text())["model"]["method"] == "clip"
     figures = {p.name for p in (run / "figures").iterdir()}
-    assert {"00_samples.png", "01_loss.png", "02_metrics.png", "02_maps.png", "03_scores.png"} <= figures
+    assert {"00_samples.png", "01_loss.png", "02_metrics.png", "02_maps.png", "03_scores_adaclip.png",
+            "03_scores_clip.pdf", "03_curves_visa.png", "03_qualitative.png"} <= figures
+    summary = (run / "summary.md").read_text()
+    assert "I-AUROC adaclip" in summary and "I-AUROC clip" in summary and "random backbone weights" in summary
+    assert "](figures/03_curves_visa.png)" in summary and "open_clip_torch" in summary
     # run again: finished notebooks are skipped, so a killed pipeline resumes where it stopped
     before = (run / "02_evaluation.ipynb").stat().st_mtime_ns
     run_pipeline("smoke", params={"epochs": 1}, results_dir=tmp_path)
@@ -58,7 +65,7 @@ def test_pipeline_runs_headless(tmp_path):
 def test_pipeline_on_the_shared_subsets(tmp_path):
     """Train on the shared MVTec AD subsets, evaluate on VisA, GLASS, HeadCT and Kvasir (random weights)."""
     params = yaml.safe_load((NOTEBOOK_DIR / "params" / "shared.yaml").read_text())
-    run_pipeline("shared", params=params, results_dir=tmp_path)
+    run_pipeline("shared", params=params, results_dir=tmp_path, baselines=())
     metrics = pd.read_csv(tmp_path / "shared" / "metrics.csv").set_index(["dataset", "category"])
     assert {("visa", "capsules"), ("visa", "macaroni1"), ("glass", "glass"), ("headct", "headct"),
             ("kvasir", "kvasir")} <= set(metrics.index)

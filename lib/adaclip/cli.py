@@ -8,7 +8,8 @@
     adaclip download mvtec --root data --url URL    the same from another link (--sha256 HASH to check it)
     adaclip train --train sample/mvtec.csv --root sample --run r --backbone adaclip-tiny --pretrained none --image-size 64
     adaclip evaluate --checkpoint results/r/model.pt --test sample/visa.csv --root sample --run r
-    adaclip pipeline --run default                  run notebooks 00-03 with papermill
+    adaclip pipeline --run default                  run notebooks 00-03 with papermill (+ the clip baseline)
+    adaclip sweep notebooks/params/ablations_tiny.yaml --run tiny   notebooks 01-02 per configuration, sweep.csv
     adaclip benchmark [--backbone ViT-B-16 ...]     speed and memory numbers
 """
 from __future__ import annotations
@@ -119,8 +120,21 @@ def _pipeline(args) -> int:
             raise SystemExit(f"parameters file {args.params_file} must be a mapping of name: value")
         params.update(loaded)
     params.update(dict(kv.split("=", 1) for kv in args.param))
-    run_pipeline(args.run, params=params, notebooks_to_run=args.notebooks or None, force=args.force)
+    run_pipeline(args.run, params=params, notebooks_to_run=args.notebooks or None, force=args.force,
+                 baselines=args.baselines)
     return 0
+
+
+def _sweep(args) -> int:
+    from .sweep import run_sweep
+
+    table = run_sweep(args.file, args.run, force=args.force)
+    status = table.drop_duplicates("config_id").set_index("config_id")["status"]
+    print(status.to_string())
+    failed = status[status == "failed"]
+    if len(failed):
+        print(f"{len(failed)} configuration(s) failed; their errors are in sweep.csv and <config>/error.txt")
+    return 1 if len(failed) else 0
 
 
 def main(argv=None) -> int:
@@ -203,7 +217,16 @@ def main(argv=None) -> int:
     r.add_argument("--params-file", default=None, help="YAML file of notebook parameters (e.g. notebooks/params/paper.yaml)")
     r.add_argument("--notebooks", nargs="*", help="subset of notebooks to run (default: all, in order)")
     r.add_argument("--force", action="store_true", help="rerun notebooks that already finished")
+    r.add_argument("--baselines", nargs="*", default=["clip"], choices=["clip", "linear"],
+                   help="baselines run beside it (notebooks 01, 02 into <run>/baselines/<name>) and compared "
+                        "in 03; default: clip; give none to skip")
     r.set_defaults(fn=_pipeline)
+
+    w = sub.add_parser("sweep", help="run notebooks 01 and 02 for every configuration of a sweep file")
+    w.add_argument("file", help="YAML: base, grid and/or configs (e.g. notebooks/params/ablations_tiny.yaml)")
+    w.add_argument("--run", required=True, help="results/<run>/<config-id>/ and results/<run>/sweep.csv")
+    w.add_argument("--force", action="store_true", help="rerun configurations that already finished")
+    w.set_defaults(fn=_sweep)
 
     args = p.parse_args(argv)
     return args.fn(args)

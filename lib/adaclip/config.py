@@ -104,21 +104,37 @@ class FusionCfg(_DictMixin):
             raise ValueError(f"fusion.k_clusters must be >= 1, got {self.k_clusters}")
 
 
+# "adaclip": the method. The baselines share its data, metric code and run folders:
+# "clip":   training-free zero-shot CLIP (the "CLIP" row of the zero-shot papers): last-layer patch tokens
+#           through CLIP's own ln_post and projection, image score from the class token; nothing learned.
+# "linear": learned linear projections of the four layers' patch tokens only (what APRIL-GAN trains);
+#           no prompts, no HSF, image score from CLIP's frozen class feature.
+METHODS = ("adaclip", "clip", "linear")
+
+
 @dataclass
 class AdaCLIPConfig(_DictMixin):
-    """The whole model: backbone, prompts and fusion."""
+    """The whole model: backbone, prompts and fusion (and which method: AdaCLIP or a baseline)."""
     backbone: BackboneCfg = field(default_factory=BackboneCfg)
     prompts: PromptCfg = field(default_factory=PromptCfg)
     fusion: FusionCfg = field(default_factory=FusionCfg)
+    method: str = "adaclip"
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.method != "adaclip":     # baselines have no prompts and no HSF: the config says what runs
+            self.prompts.branch = ""
+            self.fusion.use_hsf = False
 
     @classmethod
     def from_params(cls, backbone: str = "ViT-L-14-336", pretrained: Optional[str] = "openai", image_size: int = 518,
                     prompt_depth: int = 4, prompt_length: int = 5, prompt_type: str = "SD", prompt_branch: str = "VL",
-                    use_hsf: bool = True, k_clusters: int = 20) -> "AdaCLIPConfig":
+                    use_hsf: bool = True, k_clusters: int = 20, method: str = "adaclip") -> "AdaCLIPConfig":
         """From the flat literals of a notebook's parameters cell."""
         return cls(backbone=BackboneCfg(name=backbone, pretrained=pretrained, image_size=image_size),
                    prompts=PromptCfg(depth=prompt_depth, length=prompt_length, type=prompt_type, branch=prompt_branch),
-                   fusion=FusionCfg(use_hsf=use_hsf, k_clusters=k_clusters))
+                   fusion=FusionCfg(use_hsf=use_hsf, k_clusters=k_clusters), method=method)
 
     @classmethod
     def tiny(cls, **backbone_overrides) -> "AdaCLIPConfig":

@@ -26,6 +26,7 @@ PathLike = Union[str, Path]
 class EvalResult:
     metrics: pd.DataFrame   # one row per dataset/category, a mean row per dataset (and overall)
     scores: pd.DataFrame    # one row per image: score, label, F1-optimal decision
+    pixel_curves: Optional[pd.DataFrame] = None   # ROC / PR points from the pixel histograms
 
 
 def autocast(device: torch.device, enabled: bool = True):
@@ -94,12 +95,27 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
             scored.loc[sel, "threshold"] = m["image_threshold"]
             scored.loc[sel, "decision"] = (scores[sel] >= m["image_threshold"]).astype(int)
     metrics = _with_means(rows)
+    curves = pixel_curves(pixels)
     if run_dir is not None:
         write_csv(Path(run_dir) / "metrics.csv", metrics)
         write_csv(Path(run_dir) / "scores.csv", scored)
+        write_csv(Path(run_dir) / "pixel_curves.csv", curves)
         update_config(run_dir, model=model.cfg.to_dict(), evaluation=cfg.to_dict(),
-                      test_manifests=df.attrs.get("paths"), **weights_note(model))
-    return EvalResult(metrics, scored)
+                      test_manifests=df.attrs.get("paths"), test_root=str(data_root), **weights_note(model))
+    return EvalResult(metrics, scored, curves)
+
+
+def pixel_curves(pixels: dict) -> pd.DataFrame:
+    """Pixel ROC / PR points per category and, for datasets of several categories, pooled over
+    them (category "all"), from the streamed histograms: what the pixel-level figures draw."""
+    parts = dict(pixels)
+    for name in dict.fromkeys(d for d, _ in pixels):
+        mine = [acc for (d, _), acc in pixels.items() if d == name]
+        if len(mine) > 1:
+            parts[(name, "all")] = PixelAccumulator.merged(mine)
+    frames = [pd.DataFrame({"dataset": d, "category": c, **acc.curve()}) for (d, c), acc in parts.items()]
+    columns = ["dataset", "category", "threshold", "fpr", "tpr", "precision"]
+    return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
 
 
 def _with_means(rows: list[dict]) -> pd.DataFrame:

@@ -4,16 +4,48 @@ Executed copies go to ``results/<run>/``; each notebook gets ``run_name`` plus t
 parameters that its ``parameters`` cell defines. A notebook whose executed copy finished with the
 same parameters is skipped, so a killed pipeline resumes where it stopped (``force=True`` reruns all;
 training itself resumes from its last epoch).
+
+``baselines`` (default: the training-free ``clip``) run notebooks 01 and 02 again with
+``method=<baseline>`` into ``results/<run>/baselines/<baseline>/``, and notebook 03 compares them
+with the run. Kernels talk over IPC sockets (no unencrypted TCP, no kernel warning in the log).
 """
 from __future__ import annotations
 
+import atexit
+import functools
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
+
+from jupyter_client.manager import AsyncKernelManager
+from traitlets import default
 
 from .data.registry import REPO_ROOT, results_root
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+BASELINE_DIR = "baselines"
+
+
+class IPCKernelManager(AsyncKernelManager):
+    """Notebook kernels on local IPC sockets in a private temporary folder instead of TCP ports."""
+
+    @default("transport")
+    def _default_transport(self):
+        return "ipc"
+
+    @default("ip")
+    def _default_ip(self):
+        return os.path.join(_socket_dir(), "kernel")
+
+
+@functools.lru_cache(maxsize=None)
+def _socket_dir() -> str:
+    path = tempfile.mkdtemp(prefix="adaclip-kernels-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def notebooks() -> list[Path]:
@@ -29,7 +61,7 @@ def _coerce(value: str):
         return {"none": None, "true": True, "false": False}.get(str(value).lower(), value)
 
 
-def _finished(path: Path, parameters: dict) -> bool:
+def finished(path: Path, parameters: dict) -> bool:
     """The executed copy ran to the end with the same parameters."""
     if not path.is_file():
         return False
@@ -40,11 +72,26 @@ def _finished(path: Path, parameters: dict) -> bool:
             for c in nb.get("cells", []) if c.get("cell_type") == "code")
 
 
-def run_pipeline(run: str = "default", params: Optional[dict] = None, notebooks_to_run: Optional[Iterable[str]] = None,
-                 force: bool = False, kernel: str = "python3", results_dir: Optional[Path] = None,
-                 **kwargs) -> list[Path]:
+def declared_parameters() -> dict[Path, list[str]]:
+    """Each notebook's parameter names, as papermill reads its ``parameters`` cell."""
     import papermill as pm
 
+    return {nb: list(pm.inspect_notebook(str(nb))) for nb in notebooks()}
+
+
+def check_parameters(params: dict, declared: Optional[dict] = None) -> None:
+    """A parameter no notebook takes is an error (a typo would otherwise be silently dropped)."""
+    declared = declared or declared_parameters()
+    known = set().union(*declared.values()) if declared else set()
+    unknown = sorted(set(params) - known - {"results_dir"})
+    if unknown:
+        raise ValueError(f"no notebook takes parameter(s) {unknown}; the parameters are {sorted(known)}")
+
+
+def plan_pipeline(run: str = "default", params: Optional[dict] = None, notebooks_to_run: Optional[Iterable[str]] = None,
+                  results_dir: Optional[Path] = None, baselines: Sequence[str] = ("clip",)) -> list[tuple]:
+    """What `run_pipeline` would execute: (notebook, executed copy, parameters it gets), in order.
+    Raises ValueError for a parameter no notebook takes."""
     params = {k: _coerce(v) if isinstance(v, str) else v for k, v in (params or {}).items()}
     chosen = notebooks()
     if notebooks_to_run:
@@ -52,23 +99,39 @@ def run_pipeline(run: str = "default", params: Optional[dict] = None, notebooks_
         chosen = [p for p in chosen if p.name in wanted or p.stem in wanted or p.stem[:2] in wanted]
     results_dir = Path(results_dir or results_root()).resolve()
     params.setdefault("results_dir", str(results_dir))
-    declared = {nb: list(pm.inspect_notebook(str(nb))) for nb in notebooks()}
-    known = set().union(*declared.values()) if declared else set()
-    unknown = sorted(set(params) - known - {"results_dir"})
-    if unknown:
-        raise ValueError(f"no notebook takes parameter(s) {unknown}; the parameters are {sorted(known)}")
-    out_dir = results_dir / run
-    out_dir.mkdir(parents=True, exist_ok=True)
+    declared = declared_parameters()
+    check_parameters(params, declared)
+    # a sweep's analysis compares the sweep's own configurations: no baselines of its own
+    baseline_runs = [] if params.get("sweep") else \
+        [f"{run}/{BASELINE_DIR}/{b}" for b in baselines if b != params.get("method", "adaclip")]
+    if baseline_runs and "runs" not in params:
+        params["runs"] = [run, *baseline_runs]             # notebook 03 compares the run with its baselines
+
+    # the run's notebooks, then 01 and 02 for each baseline, then the analysis (03), which reads them all
+    analysis = [nb for nb in chosen if nb.name.startswith("03")]
+    main = [nb for nb in chosen if nb not in analysis]
+    jobs = [(nb, run, params) for nb in main]
+    jobs += [(nb, b_run, {**params, "method": b_run.rsplit("/", 1)[1]})
+             for b_run in baseline_runs for nb in main if nb.name[:2] in ("01", "02")]
+    jobs += [(nb, run, params) for nb in analysis]
+    return [(nb, results_dir / name / nb.name, {"run_name": name, **{k: v for k, v in values.items() if k in declared[nb]}})
+            for nb, name, values in jobs]
+
+
+def run_pipeline(run: str = "default", params: Optional[dict] = None, notebooks_to_run: Optional[Iterable[str]] = None,
+                 force: bool = False, kernel: str = "python3", results_dir: Optional[Path] = None,
+                 baselines: Sequence[str] = ("clip",), **kwargs) -> list[Path]:
+    import papermill as pm
+
     written = []
-    for nb in chosen:
-        out = out_dir / nb.name
-        given = {"run_name": run, **{k: v for k, v in params.items() if k in declared[nb]}}
-        if not force and _finished(out, given):
+    for nb, out, given in plan_pipeline(run, params, notebooks_to_run, results_dir, baselines):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if not force and finished(out, given):
             print(f"[pipeline] {nb.name}: already done with these parameters in {out}, skipped (force=True reruns)")
             written.append(out)
             continue
         print(f"[pipeline] {nb.name} -> {out} with {given}")
         pm.execute_notebook(str(nb), str(out), parameters=given, kernel_name=kernel, cwd=str(NOTEBOOK_DIR),
-                            progress_bar=False, **kwargs)
+                            progress_bar=False, kernel_manager_class=IPCKernelManager, **kwargs)
         written.append(out)
     return written

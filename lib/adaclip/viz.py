@@ -1,4 +1,8 @@
-"""Figures: arrays and tables in, matplotlib ``Figure`` out (the caller shows or saves it)."""
+"""Figures: arrays and tables in, matplotlib ``Figure`` out (the caller shows or saves it).
+
+Sized for a paper (``COLUMN`` = one column, 3.5 in; ``PAGE`` = both, 7.2 in) with 8 pt text, so a
+figure saved here is readable where it is printed; `save` writes PNG and PDF.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,6 +18,9 @@ from . import runs
 from .data.images import load_pair
 
 RANDOM_WEIGHTS = runs.RANDOM_WEIGHTS   # the figure title of random-weight runs
+COLUMN, PAGE = 3.5, 7.2               # figure widths in inches: one column, a whole page
+PAPER_STYLE = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "legend.fontsize": 7,
+               "xtick.labelsize": 7, "ytick.labelsize": 7, "legend.title_fontsize": 7}
 
 
 def overlay(ax, image: np.ndarray, mask: Optional[np.ndarray] = None, heat: Optional[np.ndarray] = None,
@@ -75,7 +82,11 @@ def loss_curve(log: pd.DataFrame) -> Figure:
         ax.axvline(step, color="grey", lw=0.5, ls="--")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.legend()
+    if len(log):
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no training steps (training-free method)", ha="center", va="center",
+                transform=ax.transAxes, color="grey")
     fig.tight_layout()
     return fig
 
@@ -116,19 +127,139 @@ def score_distributions(scores: pd.DataFrame, title: str = "") -> Figure:
     """Image-score histograms of normal vs anomalous images, one panel per dataset."""
     data = scores.assign(state=scores.label.map({0: "normal", 1: "anomalous"}))
     names = list(dict.fromkeys(data.dataset))
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.8), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        sns.histplot(data=data[data.dataset == name], x="score", hue="state", hue_order=["normal", "anomalous"],
-                     bins=20, stat="density", common_norm=False, element="step", ax=ax)
-        ax.set_title(name)
-    if title:
-        fig.suptitle(title, fontsize=9, color="darkred")
-    fig.tight_layout()
+    with plt.rc_context(PAPER_STYLE):
+        fig, axes = plt.subplots(1, len(names), figsize=(min(PAGE, 2.0 * len(names) + 0.4), 2.0), squeeze=False)
+        for ax, name in zip(axes[0], names):
+            sns.histplot(data=data[data.dataset == name], x="score", hue="state", hue_order=["normal", "anomalous"],
+                         bins=20, binrange=(0, 1), stat="density", common_norm=False, element="step", ax=ax)
+            ax.set_title(name)
+            ax.set_xlabel("image score P(abnormal)")
+            ax.set_ylabel("density")
+        _title(fig, title)
+        fig.tight_layout()
     return fig
 
 
-def save(fig: Figure, path: Union[str, Path], dpi: int = 120) -> Path:
+def curves(scores: pd.DataFrame, pixel_curves: pd.DataFrame, dataset: str, by: str = "run",
+           title: str = "") -> Figure:
+    """ROC and PR curves of one dataset, image level (from image scores) and pixel level (from the
+    streamed histograms' points in ``pixel_curves.csv``, never from stored maps); a line per ``by``
+    value (runs or sweep configurations). Pixel curves pool the dataset's categories."""
+    from sklearn.metrics import auc, precision_recall_curve, roc_curve
+
+    with plt.rc_context(PAPER_STYLE):
+        fig, axes = plt.subplots(2, 2, figsize=(COLUMN * 1.6, COLUMN * 1.5))
+        img = scores[scores.dataset == dataset] if len(scores) else scores
+        for name, g in (img.groupby(by, sort=False) if len(img) else []):
+            if g.label.nunique() == 2:
+                fpr, tpr, _ = roc_curve(g.label, g.score)
+                precision, recall, _ = precision_recall_curve(g.label, g.score)
+                axes[0, 0].plot(fpr, tpr, label=f"{name} ({auc(fpr, tpr):.3f})")
+                axes[0, 1].plot(recall, precision, label=str(name))
+        pix = pixel_curves[pixel_curves.dataset == dataset] if len(pixel_curves) else pixel_curves
+        if len(pix):
+            pooled = "all" if (pix.category == "all").any() else pix.category.iloc[0]
+            for name, g in pix[pix.category == pooled].groupby(by, sort=False):
+                fpr, tpr = np.r_[0.0, g.fpr], np.r_[0.0, g.tpr]
+                axes[1, 0].plot(fpr, tpr, label=f"{name} ({np.trapezoid(tpr, fpr):.3f})")
+                axes[1, 1].plot(g.tpr, g.precision, label=str(name))
+        for (r, c), (level, kind) in {(0, 0): ("image", "ROC"), (0, 1): ("image", "PR"),
+                                      (1, 0): ("pixel", "ROC"), (1, 1): ("pixel", "PR")}.items():
+            ax = axes[r, c]
+            ax.set_title(f"{dataset}: {level}-level {kind}")
+            ax.set_xlabel("false positive rate" if kind == "ROC" else "recall")
+            ax.set_ylabel("true positive rate" if kind == "ROC" else "precision")
+            ax.set_xlim(0, 1)
+            ax.set_ylim(0, 1.02)
+            if ax.lines:
+                ax.legend(title="AUROC" if kind == "ROC" else None, loc="lower right" if kind == "ROC" else "lower left")
+            else:
+                ax.text(0.5, 0.5, "undefined: one class only" if level == "image" else "no pixel masks",
+                        ha="center", va="center", transform=ax.transAxes, color="grey")
+            if kind == "ROC":
+                ax.plot([0, 1], [0, 1], color="grey", lw=0.5, ls=":")
+        _title(fig, title)
+        fig.tight_layout()
+    return fig
+
+
+def ablation_bars(table: pd.DataFrame, parameter: str, metric: str = "pixel_auroc", baseline: Optional[float] = None,
+                  baseline_label: str = "baseline", title: str = "") -> Figure:
+    """Bars of ``metric`` (percent) for each value of a swept ``parameter``, one hue per dataset, with
+    the baseline's value as a dashed reference line. ``table``: dataset-level rows of a sweep."""
+    data = table.dropna(subset=[metric]).assign(value=lambda d: d[metric] * 100,
+                                                **{parameter: lambda d: d[parameter].astype(str)})
+    with plt.rc_context(PAPER_STYLE):
+        fig, ax = plt.subplots(figsize=(COLUMN, 2.2))
+        sns.barplot(data=data, x=parameter, y="value", hue="dataset", ax=ax, errorbar=None)
+        if baseline is not None and np.isfinite(baseline):
+            ax.axhline(baseline * 100, color="black", ls="--", lw=1, label=f"{baseline_label} ({baseline * 100:.1f})")
+        ax.set_xlabel(parameter)
+        ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
+        lo = data.value.min() if len(data) else 0
+        ax.set_ylim(max(0, min(lo, baseline * 100 if baseline is not None and np.isfinite(baseline) else lo) - 10), 100)
+        ax.legend(loc="lower right", ncol=2)
+        _title(fig, title)
+        fig.tight_layout()
+    return fig
+
+
+def qualitative_grid(images: Sequence[np.ndarray], masks: Sequence[Optional[np.ndarray]],
+                     maps: dict, titles: Sequence[str] = (), title: str = "") -> Figure:
+    """Rows = images; columns = image, ground truth, then one anomaly map per method (``maps``:
+    name -> list of (H, W) maps in [0, 1] for the same images), with a shared colour bar."""
+    names = list(maps)
+    n, cols = len(images), 2 + len(names)
+    with plt.rc_context(PAPER_STYLE):
+        fig, axes = plt.subplots(n, cols, figsize=(min(PAGE, 1.25 * cols + 0.5), 1.25 * n + 0.3), squeeze=False)
+        heat = None
+        for i in range(n):
+            overlay(axes[i, 0], images[i], title=titles[i] if i < len(titles) else "")
+            gt = masks[i] if masks[i] is not None else np.zeros(images[i].shape[:2])
+            axes[i, 1].imshow(gt, cmap="gray", vmin=0, vmax=1)
+            axes[i, 1].set_title("ground truth" if masks[i] is not None else "no mask", fontsize=7)
+            axes[i, 1].axis("off")
+            for j, name in enumerate(names):
+                ax = axes[i, 2 + j]
+                ax.imshow(images[i])
+                heat = ax.imshow(maps[name][i], cmap="jet", alpha=0.5, vmin=0, vmax=1)
+                ax.set_title(name, fontsize=7)
+                ax.axis("off")
+        if heat is not None:
+            fig.colorbar(heat, ax=axes, fraction=0.02, pad=0.01, label="anomaly score")
+        _title(fig, title)
+    return fig
+
+
+def loss_curves(logs: dict, title: str = "") -> Figure:
+    """Training loss (running mean over an epoch's steps) of several runs or sweep configurations."""
+    with plt.rc_context(PAPER_STYLE):
+        fig, ax = plt.subplots(figsize=(COLUMN, 2.2))
+        for name, log in logs.items():
+            if len(log):
+                steps_per_epoch = max(1, int(log.groupby("epoch").size().max()))
+                window = max(1, steps_per_epoch // 4)
+                ax.plot(log["step"], log["loss"].rolling(window, min_periods=1).mean(), label=str(name), lw=1)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("loss (focal + dice)")
+        if ax.lines:
+            ax.legend(fontsize=6)
+        else:
+            ax.text(0.5, 0.5, "no training steps", ha="center", va="center", transform=ax.transAxes, color="grey")
+        _title(fig, title)
+        fig.tight_layout()
+    return fig
+
+
+def _title(fig: Figure, title: str) -> None:
+    if title:
+        fig.suptitle(title, fontsize=8, color="darkred")
+
+
+def save(fig: Figure, path: Union[str, Path], dpi: int = 200, formats: Sequence[str] = ("png", "pdf")) -> Path:
+    """Save ``fig`` as ``path`` with each suffix of ``formats`` (PNG and PDF); returns the first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    return path
+    for fmt in formats:
+        fig.savefig(path.with_suffix(f".{fmt}"), dpi=dpi, bbox_inches="tight")
+    return path.with_suffix(f".{formats[0]}")

@@ -1,6 +1,9 @@
 """AdaCLIP: a frozen CLIP with hybrid learnable prompts (Cao et al., ECCV 2024).
 
 Follows ADACLIP_SPEC.md step by step; batched (the reference supports batch size 1 only).
+``cfg.method`` selects a baseline through the same forward (config.METHODS): ``clip`` projects the
+last layer's patch tokens with CLIP's own ln_post and projection, ``linear`` learns the patch
+projections only; both score the image with CLIP's frozen class feature.
 """
 from __future__ import annotations
 
@@ -50,7 +53,9 @@ class AdaCLIP(nn.Module):
         self.clip.eval().requires_grad_(False)
         visual = self.clip.visual
         n_vis, n_txt = len(visual.transformer.resblocks), len(self.clip.transformer.resblocks)
-        self.out_layers = cfg.backbone.out_layers or default_out_layers(n_vis)
+        self.method = cfg.method
+        default_layers = (n_vis,) if cfg.method == "clip" else default_out_layers(n_vis)
+        self.out_layers = cfg.backbone.out_layers or default_layers
         if not all(1 <= k <= n_vis for k in self.out_layers):
             raise ValueError(f"out_layers {self.out_layers} must lie in 1..{n_vis} for {cfg.backbone.name}")
         width, text_width = visual.transformer.width, self.clip.transformer.width
@@ -64,8 +69,10 @@ class AdaCLIP(nn.Module):
             if p.visual else None
         self.text_prompts = HybridPrompts(text_width, embed_dim, p.length, p.depth, p.static, p.dynamic) \
             if p.text else None
-        self.patch_proj = nn.ModuleList([nn.Linear(width, embed_dim) for _ in self.out_layers])
-        self.cls_proj = nn.Linear(embed_dim, embed_dim)
+        # "clip" learns nothing; "linear" learns the patch projections only (config.METHODS)
+        self.patch_proj = nn.ModuleList([nn.Linear(width, embed_dim) for _ in self.out_layers]) \
+            if cfg.method != "clip" else None
+        self.cls_proj = nn.Linear(embed_dim, embed_dim) if cfg.method == "adaclip" else None
 
         self.tokenizer = open_clip.get_tokenizer(cfg.backbone.name)
         self._n_normal = len(NORMAL_STATES) * len(TEMPLATES)  # sentences 0..n-1 normal, the rest abnormal
@@ -89,7 +96,7 @@ class AdaCLIP(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.cls_proj.weight.device
+        return self.clip.logit_scale.device
 
     def learnable_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters() if not n.startswith("clip.")]
@@ -143,7 +150,7 @@ class AdaCLIP(nn.Module):
         return feats[[uniq.index(c) for c in class_names]]
 
     def _frozen_text_features(self, name: str) -> torch.Tensor:
-        key = (name, self.device, self.cls_proj.weight.dtype)
+        key = (name, self.device, self.clip.logit_scale.dtype)
         if key not in self._frozen_text:
             with torch.no_grad():
                 self._frozen_text[key] = self._encode_states([name], None)
@@ -193,8 +200,11 @@ class AdaCLIP(nn.Module):
         # 4. text features (B, D, 2)
         text = self.text_features(class_names, dyn_t)
         # 5. projections into the joint space
-        patch = [F.normalize(proj(t), dim=-1) for proj, t in zip(self.patch_proj, tokens)]  # (B, N, D) each
-        image_feature = F.normalize(self.cls_proj(feature), dim=-1)                        # (B, D)
+        if self.patch_proj is None:               # "clip": CLIP's own ln_post and projection
+            patch = [F.normalize(visual.ln_post(t) @ visual.proj, dim=-1) for t in tokens]    # (B, N, D) each
+        else:
+            patch = [F.normalize(proj(t), dim=-1) for proj, t in zip(self.patch_proj, tokens)]
+        image_feature = F.normalize(self.cls_proj(feature) if self.cls_proj is not None else feature, dim=-1)  # (B, D)
         # 6.-9. in float32 even under autocast: bf16 maps would turn pixel metrics into ties
         with _full_precision(images.device):
             patch = [P.float() for P in patch]

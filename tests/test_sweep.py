@@ -1,0 +1,90 @@
+"""Sweeps: grids and lists of configurations, run through papermill, skipped when done, failures
+recorded, unknown parameters refused before anything runs; then the analysis notebook over them."""
+import json
+
+import pandas as pd
+import pytest
+import yaml
+
+from adaclip.metrics import METRIC_KEYS
+from adaclip.pipeline import NOTEBOOK_DIR, run_pipeline
+from adaclip.sweep import config_id, expand, run_sweep
+
+TINY = NOTEBOOK_DIR / "params" / "ablations_tiny.yaml"
+
+
+def test_grids_lists_and_ids():
+    spec = {"base": {"epochs": 1, "prompt_type": "SD", "use_hsf": True},
+            "grid": [{"prompt_type": ["S", "SD"]}, {"use_hsf": [True, False]}],
+            "configs": [{"method": "clip"}, {"prompt_type": "SD"}]}
+    configs = expand(spec)
+    # the base setting appears once, under its first id; the explicit duplicate is dropped
+    assert [c.id for c in configs] == ["prompt_type=S", "prompt_type=SD", "use_hsf=False", "method=clip"]
+    assert configs[0].params == {"epochs": 1, "prompt_type": "S", "use_hsf": True}
+    product = expand({"grid": {"prompt_type": ["S", "D"], "prompt_depth": [1, 2]}})
+    assert [c.id for c in product] == ["prompt_type=S,prompt_depth=1", "prompt_type=S,prompt_depth=2",
+                                       "prompt_type=D,prompt_depth=1", "prompt_type=D,prompt_depth=2"]
+    assert expand({"base": {"epochs": 1}})[0].id == "base"
+    assert config_id({"test_manifests": ["a/b.csv"]}) == 'test_manifests=["a_b.csv"]'
+    with pytest.raises(ValueError, match="unknown key"):
+        expand({"grids": {}})
+    with pytest.raises(ValueError, match="lists of values"):
+        expand({"grid": {"prompt_type": "S"}})
+
+
+def test_unknown_parameter_stops_the_sweep_before_anything_runs(tmp_path):
+    spec = {"grid": [{"prompt_type": ["S", "D"]}, {"prompt_tpye": ["S"]}]}
+    with pytest.raises(ValueError, match=r"no notebook takes parameter\(s\) \['prompt_tpye'\]"):
+        run_sweep(spec, "typo", results_dir=tmp_path)
+    assert not (tmp_path / "typo").exists()
+
+
+def test_shipped_sweeps_name_real_parameters():
+    import papermill as pm
+    from adaclip.pipeline import notebooks
+    known = set().union(*(pm.inspect_notebook(str(nb)) for nb in notebooks()))
+    for name in ("ablations.yaml", "ablations_tiny.yaml"):
+        for c in expand(NOTEBOOK_DIR / "params" / name):
+            assert set(c.params) <= known, (name, c.id)
+    axes = {k for c in expand(NOTEBOOK_DIR / "params" / "ablations.yaml") for k in c.overrides}
+    assert axes == {"prompt_type", "prompt_branch", "prompt_depth", "prompt_length", "use_hsf", "method"}
+
+
+def test_tiny_sweep_runs_skips_records_failures_and_is_analysed(tmp_path):
+    """CI's sweep: the shipped tiny file through papermill, then again with a failing configuration
+    added (the finished ones are skipped), then notebook 03 over the sweep."""
+    table = run_sweep(TINY, "tiny", results_dir=tmp_path)
+    ids = ["prompt_type=SD", "prompt_type=D", "method=linear", "method=clip"]
+    assert list(dict.fromkeys(table.config_id)) == ids and (table.status == "done").all()
+    for i in ids:
+        for nb in ("01_prompt_training.ipynb", "02_evaluation.ipynb"):
+            assert (tmp_path / "tiny" / i / nb).is_file()
+    on_disk = pd.read_csv(tmp_path / "tiny" / "sweep.csv")
+    assert {"config_id", "status", "method", "prompt_type", "epochs", "dataset", "category", *METRIC_KEYS} <= set(on_disk.columns)
+    per_config = on_disk.groupby("config_id").size()
+    assert (per_config == 6).all()                  # visa: 2 categories + mean, headct, kvasir, overall mean
+    clip = on_disk[on_disk.config_id == "method=clip"]
+    assert (clip.method == "clip").all() and (clip.backbone_weights == "random").all()
+    assert json.loads((tmp_path / "tiny" / "method=clip" / "config.json").read_text())["model"]["method"] == "clip"
+
+    before = (tmp_path / "tiny" / "method=clip" / "02_evaluation.ipynb").stat().st_mtime_ns
+    spec = yaml.safe_load(TINY.read_text())
+    spec["configs"] = [{"prompt_depth": 9}]         # deeper than the tiny text tower: notebook 01 fails
+    again = run_sweep(spec, "tiny", results_dir=tmp_path)
+    status = again.drop_duplicates("config_id").set_index("config_id")
+    assert status.loc[ids, "status"].tolist() == ["skipped"] * 4
+    assert status.loc["prompt_depth=9", "status"] == "failed"
+    assert "prompt depth 9 exceeds the encoder depth" in status.loc["prompt_depth=9", "error"]
+    assert (tmp_path / "tiny" / "prompt_depth=9" / "error.txt").is_file()
+    assert (tmp_path / "tiny" / "method=clip" / "02_evaluation.ipynb").stat().st_mtime_ns == before
+
+    run_pipeline("tiny", params={"sweep": "tiny", "baseline": "method=clip"}, notebooks_to_run=["03"],
+                 results_dir=tmp_path)
+    out = tmp_path / "tiny"
+    figures = {p.name for p in (out / "figures").iterdir()}
+    assert {"03_ablation_prompt_type_pixel_auroc.png", "03_ablation_method_image_auroc.pdf", "03_loss.png",
+            "03_qualitative.png", "03_curves_visa.png"} <= figures
+    summary = (out / "summary.md").read_text()
+    assert "method=clip" in summary and "prompt_type=SD" in summary and "prompt_depth=9" not in summary
+    assert {"metrics.csv", "metrics.md", "metrics.tex", "overall.tex", "reproduction.csv"} <= {
+        p.name for p in (out / "tables").iterdir()}

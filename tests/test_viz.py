@@ -1,0 +1,98 @@
+"""Every figure function: arrays and tables in, a labelled Figure out; saved as PNG and PDF."""
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.figure import Figure
+
+from adaclip import viz
+from adaclip.evaluate import pixel_curves
+from adaclip.metrics import PixelAccumulator
+
+
+def _scores(run, shift, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = np.r_[np.zeros(20, int), np.ones(20, int)]
+    return pd.DataFrame({"run": run, "dataset": "visa", "category": "capsules", "image": [f"{i}.png" for i in range(40)],
+                         "label": labels, "score": np.clip(rng.random(40) * 0.7 + shift * labels, 0, 1)})
+
+
+def _curves(run, seed):
+    rng = np.random.default_rng(seed)
+    acc = {}
+    for cat in ("capsules", "macaroni1"):
+        a = PixelAccumulator(bins=4096)
+        for _ in range(3):
+            m = np.zeros((16, 16), int)
+            m[4:9, 5:11] = 1
+            a.update(np.clip(rng.random((16, 16)) * 0.6 + 0.4 * m, 0, 1), m)
+        acc[("visa", cat)] = a
+    return pixel_curves(acc).assign(run=run), acc
+
+
+def _labelled(fig: Figure):
+    for ax in fig.axes:
+        if ax.get_visible() and ax.axison and ax.get_label() != "<colorbar>":
+            assert ax.get_xlabel() and ax.get_ylabel(), ax.get_title()
+
+
+def test_curves_image_from_scores_pixel_from_histograms():
+    scores = pd.concat([_scores("adaclip", 0.3), _scores("clip", 0.1, 1)])
+    (a, acc_a), (b, _) = _curves("adaclip", 0), _curves("clip", 1)
+    fig = viz.curves(scores, pd.concat([a, b]), "visa", by="run", title="t")
+    _labelled(fig)
+    pixel_roc = fig.axes[2]
+    pooled = PixelAccumulator.merged(list(acc_a.values()))
+    line = pixel_roc.lines[0]
+    points = pooled.curve()
+    np.testing.assert_allclose(line.get_xdata(), np.r_[0, points["fpr"]])       # the histograms' own points
+    np.testing.assert_allclose(line.get_ydata(), np.r_[0, points["tpr"]])
+    label = pixel_roc.get_legend().get_texts()[0].get_text()
+    assert label.startswith("adaclip (") and float(label[9:-1]) == pytest.approx(
+        pooled.compute()[0]["pixel_auroc"], abs=1.5e-3)
+    assert len(fig.axes[0].lines) == 3                                            # two runs + chance line
+
+
+def test_pixel_curves_pool_categories_and_keep_the_area():
+    curves, acc = _curves("r", 0)
+    assert set(curves.category) == {"capsules", "macaroni1", "all"}
+    exact = acc[("visa", "capsules")]
+    full = exact.curve(max_points=10 ** 6)                                      # every threshold kept
+    assert np.trapezoid(np.r_[0, full["tpr"]], np.r_[0, full["fpr"]]) == pytest.approx(
+        exact.compute()[0]["pixel_auroc"], abs=1e-12)
+    one = curves[curves.category == "capsules"]                                  # thinned, as written
+    assert np.trapezoid(np.r_[0, one.tpr], np.r_[0, one.fpr]) == pytest.approx(exact.compute()[0]["pixel_auroc"], abs=1e-3)
+    assert (np.diff(one.fpr) >= 0).all() and one.tpr.iloc[-1] == 1.0 and one.fpr.iloc[-1] == 1.0
+    thin = exact.curve(max_points=20)
+    assert len(thin["fpr"]) <= 22 and thin["tpr"][-1] == 1.0
+
+
+def test_every_figure_function(tmp_path):
+    scores = _scores("adaclip", 0.3)
+    sweep = pd.DataFrame({"config_id": ["prompt_type=S", "prompt_type=SD", "prompt_type=S", "prompt_type=SD"],
+                          "prompt_type": ["S", "SD", "S", "SD"], "dataset": ["visa", "visa", "mvtec", "mvtec"],
+                          "pixel_auroc": [0.8, 0.9, 0.7, 0.85]})
+    bars = viz.ablation_bars(sweep, "prompt_type", "pixel_auroc", baseline=0.6, baseline_label="clip")
+    assert any(line.get_linestyle() == "--" and line.get_ydata()[0] == pytest.approx(60.0) for line in bars.axes[0].lines)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (20, 30, 3), dtype=np.uint8) for _ in range(2)]
+    masks = [np.eye(20, 30), None]
+    grid = viz.qualitative_grid(images, masks, {"adaclip": [rng.random((20, 30))] * 2, "clip": [rng.random((20, 30))] * 2},
+                                ["a", "b"])
+    assert len([ax for ax in grid.axes if ax.get_label() == "<colorbar>"]) == 1
+    assert [ax.get_title() for ax in grid.axes[:4]] == ["a", "ground truth", "adaclip", "clip"]
+    log = pd.DataFrame({"epoch": [1, 1, 2, 2], "step": [1, 2, 3, 4], "loss": [1.0, 0.8, 0.6, 0.5]})
+    figures = {
+        "scores": viz.score_distributions(scores),
+        "bars": bars,
+        "loss": viz.loss_curves({"a": log, "b": log.assign(loss=log.loss * 2), "clip": log.iloc[:0]}),
+        "curves": viz.curves(scores, pd.DataFrame(columns=["dataset", "category", "fpr", "tpr", "precision", "run"]),
+                             "visa"),
+    }
+    for name, fig in figures.items():
+        _labelled(fig)
+        png = viz.save(fig, tmp_path / f"{name}.png")
+        assert png.is_file() and png.with_suffix(".pdf").is_file() and png.with_suffix(".pdf").stat().st_size > 0
+    viz.save(grid, tmp_path / "grid.png")
+    assert (tmp_path / "grid.pdf").is_file()
+    assert figures["curves"].axes[2].texts[0].get_text() == "no pixel masks"
+    assert len(figures["loss"].axes[0].lines) == 2                              # the training-free run has none
