@@ -79,6 +79,22 @@ def declared_parameters() -> dict[Path, list[str]]:
     return {nb: list(pm.inspect_notebook(str(nb))) for nb in notebooks()}
 
 
+def default_parameters() -> dict:
+    """Every notebook parameter's default value, as its ``parameters`` cell sets it."""
+    import ast
+
+    import papermill as pm
+
+    defaults = {}
+    for nb in notebooks():
+        for name, info in pm.inspect_notebook(str(nb)).items():
+            try:
+                defaults.setdefault(name, ast.literal_eval(info["default"]))
+            except (ValueError, SyntaxError):
+                defaults.setdefault(name, info["default"])
+    return defaults
+
+
 def check_parameters(params: dict, declared: Optional[dict] = None) -> None:
     """A parameter no notebook takes is an error (a typo would otherwise be silently dropped)."""
     declared = declared or declared_parameters()

@@ -31,7 +31,7 @@ import yaml
 
 from .data.registry import results_root
 from .io import write_csv
-from .pipeline import _coerce, finished, plan_pipeline, run_pipeline
+from .pipeline import _coerce, default_parameters, finished, plan_pipeline, run_pipeline
 
 PathLike = Union[str, Path]
 SWEEP_NOTEBOOKS = ("01", "02")
@@ -134,9 +134,12 @@ def run_sweep(spec: Union[PathLike, dict], run: str, results_dir: Optional[PathL
 
 def sweep_table(sweep_dir: PathLike, configs: list[SweepConfig], status: Optional[dict] = None) -> pd.DataFrame:
     """One row per configuration x dataset x category (a failed configuration: one row with its
-    error), with the configuration id, its status, every parameter and every metric as columns."""
+    error), with the configuration id, its status, every parameter and every metric as columns. A
+    parameter that some configurations leave out holds the notebooks' default there."""
     sweep_dir, status = Path(sweep_dir), status or {}
     params = list(dict.fromkeys(k for c in configs for k in c.params))
+    defaults = default_parameters()
+    configs = [SweepConfig(c.id, c.overrides, {k: c.params.get(k, defaults.get(k)) for k in params}) for c in configs]
     frames = []
     for c in configs:
         state, error = status.get(c.id, ("", ""))

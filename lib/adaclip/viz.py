@@ -129,12 +129,16 @@ def score_distributions(scores: pd.DataFrame, title: str = "") -> Figure:
     names = list(dict.fromkeys(data.dataset))
     with plt.rc_context(PAPER_STYLE):
         fig, axes = plt.subplots(1, len(names), figsize=(min(PAGE, 2.0 * len(names) + 0.4), 2.0), squeeze=False)
-        for ax, name in zip(axes[0], names):
+        for i, (ax, name) in enumerate(zip(axes[0], names)):
+            last = i == len(names) - 1
             sns.histplot(data=data[data.dataset == name], x="score", hue="state", hue_order=["normal", "anomalous"],
-                         bins=20, binrange=(0, 1), stat="density", common_norm=False, element="step", ax=ax)
+                         bins=20, binrange=(0, 1), stat="density", common_norm=False, element="step", ax=ax,
+                         legend=last)
             ax.set_title(name)
             ax.set_xlabel("image score P(abnormal)")
             ax.set_ylabel("density")
+            if last and ax.get_legend() is not None:
+                sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1), title=None, frameon=False)
         _title(fig, title)
         fig.tight_layout()
     return fig
@@ -198,7 +202,7 @@ def ablation_bars(table: pd.DataFrame, parameter: str, metric: str = "pixel_auro
         ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
         lo = data.value.min() if len(data) else 0
         ax.set_ylim(max(0, min(lo, baseline * 100 if baseline is not None and np.isfinite(baseline) else lo) - 10), 100)
-        ax.legend(loc="lower right", ncol=2)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
         _title(fig, title)
         fig.tight_layout()
     return fig
