@@ -63,6 +63,9 @@ def test_tiny_sweep_runs_skips_records_failures_and_is_analysed(tmp_path):
     assert {"config_id", "status", "method", "prompt_type", "epochs", "dataset", "category", *METRIC_KEYS} <= set(on_disk.columns)
     per_config = on_disk.groupby("config_id").size()
     assert (per_config == 6).all()                  # visa: 2 categories + mean, headct, kvasir, overall mean
+    # a parameter a configuration leaves out holds the notebooks' default
+    assert (on_disk[on_disk.config_id == "prompt_type=SD"].method == "adaclip").all()
+    assert (on_disk[on_disk.config_id == "method=clip"].prompt_type == "SD").all()
     clip = on_disk[on_disk.config_id == "method=clip"]
     assert (clip.method == "clip").all() and (clip.backbone_weights == "random").all()
     assert json.loads((tmp_path / "tiny" / "method=clip" / "config.json").read_text())["model"]["method"] == "clip"

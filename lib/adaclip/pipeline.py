@@ -53,7 +53,7 @@ def notebooks() -> list[Path]:
     return sorted(p for p in NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
 
 
-def _coerce(value: str):
+def coerce(value: str):
     """Command-line strings to literals: numbers, booleans, None, lists (json)."""
     try:
         return json.loads(value)
@@ -108,7 +108,7 @@ def plan_pipeline(run: str = "default", params: Optional[dict] = None, notebooks
                   results_dir: Optional[Path] = None, baselines: Sequence[str] = ("clip",)) -> list[tuple]:
     """What `run_pipeline` would execute: (notebook, executed copy, parameters it gets), in order.
     Raises ValueError for a parameter no notebook takes."""
-    params = {k: _coerce(v) if isinstance(v, str) else v for k, v in (params or {}).items()}
+    params = {k: coerce(v) if isinstance(v, str) else v for k, v in (params or {}).items()}
     chosen = notebooks()
     if notebooks_to_run:
         wanted = list(notebooks_to_run)

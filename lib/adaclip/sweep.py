@@ -31,7 +31,7 @@ import yaml
 
 from .data.registry import results_root
 from .io import write_csv
-from .pipeline import _coerce, default_parameters, finished, plan_pipeline, run_pipeline
+from .pipeline import coerce, default_parameters, finished, plan_pipeline, run_pipeline
 
 PathLike = Union[str, Path]
 SWEEP_NOTEBOOKS = ("01", "02")
@@ -75,7 +75,7 @@ def _show(value) -> str:
 def expand(spec: Union[PathLike, dict]) -> list[SweepConfig]:
     """Every configuration of a sweep, in file order, without duplicates (same parameters)."""
     spec = load_spec(spec)
-    base = {k: _coerce(v) if isinstance(v, str) else v for k, v in (spec.get("base") or {}).items()}
+    base = {k: coerce(v) if isinstance(v, str) else v for k, v in (spec.get("base") or {}).items()}
     grids = spec.get("grid") or []
     grids = [grids] if isinstance(grids, dict) else list(grids)
     overrides = []

@@ -90,14 +90,14 @@ def train(model_cfg: Union[AdaCLIPConfig, dict], train_cfg: Union[TrainCfg, dict
 
     seed_everything(cfg.seed)
     model = AdaCLIP(model_cfg).to(device)
+    what_ran = dict(model=model_cfg.to_dict(), train=cfg.to_dict(), train_manifests=_sources(train_manifests),
+                    test_manifests=_sources(test_manifests), data_root=str(data_root), **weights_note(model))
     if not model.learnable_parameters():           # a training-free baseline ("clip"): a run like any other
         run_dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(run_dir / "train_log.csv") as tmp:
             pd.DataFrame(columns=LOG_FIELDS).to_csv(tmp, index=False)
         model.save(run_dir / "model.pt", epoch=0, selection="none")
-        update_config(run_dir, model=model_cfg.to_dict(), train=cfg.to_dict(), train_manifests=_sources(train_manifests),
-                      test_manifests=_sources(test_manifests), data_root=str(data_root), selected_epoch=None,
-                      selection="none (training-free: nothing to learn)", **weights_note(model))
+        update_config(run_dir, **what_ran, selected_epoch=None, selection="none (training-free: nothing to learn)")
         print(f"method {model_cfg.method!r} learns nothing: no training; {run_dir / 'model.pt'} holds its config")
         return model
     optimizer = torch.optim.AdamW(model.learnable_parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
@@ -125,9 +125,7 @@ def train(model_cfg: Union[AdaCLIPConfig, dict], train_cfg: Union[TrainCfg, dict
     elif not resume and log_path.exists():
         log_path.unlink()
 
-    update_config(run_dir, model=model_cfg.to_dict(), train=cfg.to_dict(),
-                  train_manifests=_sources(train_manifests), test_manifests=_sources(test_manifests),
-                  data_root=str(data_root), **weights_note(model))
+    update_config(run_dir, **what_ran)
     dataset = AnomalyDataset(train_df, data_root, model.transform, model.image_size, aug_rate=cfg.aug_rate)
     new_log = not log_path.is_file()
     run_dir.mkdir(parents=True, exist_ok=True)
