@@ -77,6 +77,7 @@ class AdaCLIP(nn.Module):
         self.tokenizer = open_clip.get_tokenizer(cfg.backbone.name)
         self._n_normal = len(NORMAL_STATES) * len(TEMPLATES)  # sentences 0..n-1 normal, the rest abnormal
         self._tokens: dict[str, torch.Tensor] = {}       # class name -> (S, T) token ids
+        self._lengths: dict[str, int] = {}               # class name -> tokens up to its last EOT
         self._frozen_text: dict[tuple, torch.Tensor] = {}  # text features of an unprompted text tower
         self.random_weights = cfg.backbone.pretrained is None
 
@@ -124,11 +125,14 @@ class AdaCLIP(nn.Module):
         if name not in self._tokens:
             normal, abnormal = state_sentences(name)
             self._tokens[name] = self.tokenizer(normal + abnormal)
+            tokens = self._tokens[name]                                            # up to the last EOT
+            self._lengths[name] = tokens.shape[-1] if tokens.is_meta else int(tokens.argmax(-1).max()) + 1
         return self._tokens[name]
 
     def _encode_states(self, names: Sequence[str], layer_prompts) -> torch.Tensor:
         tokens = torch.stack([self._tokens_for(c) for c in names]).to(self.device)   # (G, S, T)
-        feats = F.normalize(encode_text(self.clip, tokens, layer_prompts), dim=-1)  # (G, S, D)
+        length = max(self._lengths[c] for c in names)
+        feats = F.normalize(encode_text(self.clip, tokens, layer_prompts, length=length), dim=-1)  # (G, S, D)
         n = self._n_normal
         normal = F.normalize(feats[:, :n].mean(1), dim=-1)
         abnormal = F.normalize(feats[:, n:].mean(1), dim=-1)
@@ -229,7 +233,7 @@ class AdaCLIP(nn.Module):
     def _upsample(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, N, 2) -> (B, 2, S, S), bilinear with align_corners=True (reference)."""
         B, N, C = logits.shape
-        g = int(round(N ** 0.5))
+        g = self.image_size // self.patch_size                  # a plain int, also when traced for export
         x = logits.transpose(1, 2).reshape(B, C, g, g)
         return F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=True)
 

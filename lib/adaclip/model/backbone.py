@@ -230,20 +230,25 @@ def encode_image(visual: nn.Module, images: torch.Tensor, out_layers: Sequence[i
 
 
 def encode_text(clip: nn.Module, tokens: torch.Tensor,
-                layer_prompts: Optional[Sequence[torch.Tensor]] = None, truncate: bool = True) -> torch.Tensor:
+                layer_prompts: Optional[Sequence[torch.Tensor]] = None, truncate: bool = True,
+                length: Optional[int] = None) -> torch.Tensor:
     """Text pass with prompts replacing the tokens right after SOT in layers 1..J-1.
 
     tokens: (G, S, T) token ids, G groups of S sentences. layer_prompts: one (G or 1, L, Wt)
     tensor per prompted layer 0..J-1 (layer 0 is left untouched, as in the reference), or None.
     Returns EOT features after ``ln_final`` and the projection: (G, S, D).
     ``truncate`` drops the padding after the last EOT: exact, because attention is causal
-    (no token sees a later one), and ~5x less work for 77-token contexts.
+    (no token sees a later one), and ~5x less work for 77-token contexts. ``length``: the tokens
+    up to the last EOT, when the caller knows it (a plain int keeps exported graphs static).
     """
     G, S, T = tokens.shape
     tokens = tokens.reshape(G * S, T)
     eot = tokens.argmax(dim=-1)                                 # EOT has the highest id
     L = layer_prompts[0].shape[1] if layer_prompts else 0
-    n = max(int(eot.max()) + 1, 1 + L) if truncate and not tokens.is_meta else T
+    if truncate and not tokens.is_meta:
+        n = max(length if length is not None else int(eot.max()) + 1, 1 + L)
+    else:
+        n = T
     cast = clip.transformer.get_cast_dtype()
     x = clip.token_embedding(tokens[:, :n]).to(cast)           # (G·S, n, Wt)
     x = x + clip.positional_embedding[:n].to(cast)

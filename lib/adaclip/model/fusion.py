@@ -7,6 +7,7 @@ batch. ``kmeans="sklearn"`` keeps the reference behaviour (seeded through ``seed
 """
 from __future__ import annotations
 
+import functools
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ def kmeans(x: torch.Tensor, n_clusters: int, seed: int = 0, max_iter: int = 100)
     B, K, _ = x.shape
     k = min(n_clusters, K)
     x = x.float()
-    u = torch.rand(k, generator=torch.Generator().manual_seed(seed)).to(x.device)
+    u = _uniform_draws(seed, k).to(x.device)
     rows = torch.arange(B, device=x.device)
     first = (u[0] * K).long().clamp(max=K - 1).expand(B)
     centres = [x[rows, first]]                                             # k × (B, C)
@@ -32,15 +33,18 @@ def kmeans(x: torch.Tensor, n_clusters: int, seed: int = 0, max_iter: int = 100)
         total = cdf[:, -1:]
         # all points identical to chosen centres: fall back to uniform choice
         cdf = torch.where(total > 0, cdf / total.clamp_min(1e-30), torch.arange(1, K + 1, device=x.device) / K)
-        idx = torch.searchsorted(cdf, u[c].expand(B, 1).contiguous()).squeeze(1).clamp(max=K - 1)
+        idx = (cdf < u[c]).sum(-1).clamp(max=K - 1)         # = searchsorted(cdf, u), also in ONNX
         centres.append(x[rows, idx])
         d2 = torch.minimum(d2, (x - centres[-1][:, None]).pow(2).sum(-1))
     centres = torch.stack(centres, dim=1)                                  # (B, k, C)
 
+    # Exported graphs run all max_iter steps: once the labels stop changing every further step
+    # repeats them exactly, so this equals stopping early (unless max_iter is reached either way).
+    exporting = torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
     labels = None
     for _ in range(max_iter):
-        new = torch.cdist(x, centres).argmin(-1)                           # (B, K)
-        if labels is not None and torch.equal(new, labels):
+        new = (x[:, :, None] - centres[:, None]).pow(2).sum(-1).argmin(-1)  # (B, K); cdist has no ONNX op
+        if not exporting and labels is not None and torch.equal(new, labels):
             break
         labels = new
         onehot = F.one_hot(labels, k).to(x.dtype)                          # (B, K, k)
@@ -48,6 +52,12 @@ def kmeans(x: torch.Tensor, n_clusters: int, seed: int = 0, max_iter: int = 100)
         sums = onehot.transpose(1, 2) @ x                                  # (B, k, C)
         centres = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1)[..., None], centres)
     return labels
+
+
+@functools.lru_cache(maxsize=64)
+def _uniform_draws(seed: int, k: int) -> torch.Tensor:
+    """The seeding's k uniform numbers, drawn once per (seed, k): constants in an exported graph."""
+    return torch.rand(k, generator=torch.Generator().manual_seed(seed))
 
 
 def _sklearn_kmeans(x: torch.Tensor, n_clusters: int, seed) -> torch.Tensor:
