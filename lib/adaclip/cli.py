@@ -10,12 +10,14 @@
     adaclip evaluate --checkpoint results/r/model.pt --test sample/visa.csv --root sample --run r
     adaclip pipeline --run default                  run notebooks 00-03 with papermill (+ the clip baseline)
     adaclip sweep notebooks/params/ablations_tiny.yaml --run tiny   notebooks 01-02 per configuration, sweep.csv
+    adaclip predict imgs/ --checkpoint results/r/model.pt --class-name bottle --out preds [--masks]
     adaclip benchmark [--backbone ViT-B-16 ...]     speed and memory numbers
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _manifests(args) -> int:
@@ -91,18 +93,56 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from . import AdaCLIP, AdaCLIPConfig, EvalCfg
+    from . import EvalCfg
     from .data.registry import resolve_manifest, resolve_root, results_root
     from .evaluate import evaluate
 
-    if args.official:
-        model = AdaCLIP.from_config(AdaCLIPConfig()).load_official_checkpoint(args.checkpoint)
-    else:
-        model = AdaCLIP.load(args.checkpoint, **({"pretrained": args.pretrained} if args.pretrained else {}))
+    model = _load_model(args)
     result = evaluate(model, [resolve_manifest(m) for m in args.test], resolve_root(args.root),
                       EvalCfg(batch_size=args.batch_size, save_maps=args.save_maps), run_dir=results_root() / args.run)
     print(result.metrics.round(4).to_string(index=False))
     return 0
+
+
+def _load_model(args):
+    """Our checkpoint, or an official release file built with the given (default: paper) setting."""
+    from . import AdaCLIP, AdaCLIPConfig
+
+    if args.official:
+        cfg = AdaCLIPConfig.from_params(args.backbone, args.pretrained or "openai", args.image_size)
+        return AdaCLIP.from_config(cfg).load_official_checkpoint(args.checkpoint)
+    return AdaCLIP.load(args.checkpoint, **({"pretrained": args.pretrained} if args.pretrained else {}))
+
+
+def _predict(args) -> int:
+    from .model import CheckpointError
+    from .predict import Thresholds, collect_images, predict_files, stored_thresholds
+    from .predictor import AdaCLIPPredictor
+
+    try:
+        files = collect_images(args.inputs)
+        thresholds = stored_thresholds(args.checkpoint, args.class_name)
+        if args.threshold is not None:
+            thresholds = Thresholds(args.threshold, thresholds.pixel if thresholds else args.threshold, "--threshold")
+        if thresholds is None:
+            raise ValueError(f"no decision threshold: {args.checkpoint} has no thresholds.json beside it (evaluate "
+                             f"the model first: notebook 02 or `adaclip evaluate`), so pass --threshold T")
+        if args.pixel_threshold is not None:
+            thresholds.pixel = args.pixel_threshold
+        model = _load_model(args)
+    except (FileNotFoundError, ValueError, CheckpointError) as e:
+        print(f"adaclip predict: {e}", file=sys.stderr)
+        return 2
+    print(f"image threshold {thresholds.image:.4g}, pixel threshold {thresholds.pixel:.4g} from {thresholds.source}")
+    if model.random_weights:
+        print("random backbone weights: these scores say nothing about detection quality")
+    predictor = AdaCLIPPredictor(model.to(args.device), batch_size=args.batch_size)
+    table, failures = predict_files(predictor, files, args.class_name, args.out, thresholds, masks=args.masks)
+    for message in failures:
+        print(f"skipped: {message}", file=sys.stderr)
+    print(f"{len(table)} image(s) scored, {int(table.decision.sum())} anomalous -> {Path(args.out) / 'predictions.csv'}"
+          + (f"; {len(failures)} file(s) could not be read" if failures else ""))
+    return 1 if failures else 0
 
 
 def _pipeline(args) -> int:
@@ -202,6 +242,8 @@ def main(argv=None) -> int:
     e = sub.add_parser("evaluate", help="zero-shot evaluation of a checkpoint")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--official", action="store_true", help="an official AdaCLIP release file")
+    e.add_argument("--backbone", default="ViT-L-14-336", help="with --official: the file's backbone")
+    e.add_argument("--image-size", type=int, default=518, help="with --official: the file's input size")
     e.add_argument("--pretrained", default=None, help="override the checkpoint's CLIP weights (a file)")
     e.add_argument("--test", nargs="+", required=True)
     e.add_argument("--root", default=None)
@@ -209,6 +251,23 @@ def main(argv=None) -> int:
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--save-maps", action="store_true")
     e.set_defaults(fn=_evaluate)
+
+    q = sub.add_parser("predict", help="score your own images: overlays, masks, predictions.csv")
+    q.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
+    q.add_argument("--checkpoint", required=True, help="a run's model.pt, or an official file with --official")
+    q.add_argument("--official", action="store_true", help="an official AdaCLIP release file")
+    q.add_argument("--backbone", default="ViT-L-14-336", help="with --official: the file's backbone")
+    q.add_argument("--image-size", type=int, default=518, help="with --official: the file's input size")
+    q.add_argument("--pretrained", default=None, help="CLIP weights: a file or tag (--official: default openai)")
+    q.add_argument("--class-name", required=True, help="what the images show; it fills the text prompts")
+    q.add_argument("--threshold", type=float, default=None,
+                   help="image-score threshold (default: evaluation's F1-optimal one, thresholds.json)")
+    q.add_argument("--pixel-threshold", type=float, default=None, help="mask threshold (default: evaluation's)")
+    q.add_argument("--out", default="predictions", help="output folder")
+    q.add_argument("--batch-size", type=int, default=8)
+    q.add_argument("--masks", action="store_true", help="also write binary mask PNGs")
+    q.add_argument("--device", default="cpu")
+    q.set_defaults(fn=_predict)
 
     r = sub.add_parser("pipeline", help="run the notebooks headless with papermill")
     r.add_argument("--run", default="default", help="run name: results/<run>/")

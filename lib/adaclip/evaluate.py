@@ -15,11 +15,12 @@ from tqdm.auto import tqdm
 
 from .config import EvalCfg
 from .data import AnomalyDataset, check, read_manifests
-from .io import atomic_path, write_csv
-from .metrics import METRIC_KEYS, PixelAccumulator, mean_row, summarize
+from .io import atomic_path, write_csv, write_json
+from .metrics import METRIC_KEYS, PixelAccumulator, image_metrics, mean_row, summarize
 from .runs import update_config, weights_note
 
 PathLike = Union[str, Path]
+THRESHOLDS = "thresholds.json"   # beside model.pt in a run folder: what `adaclip predict` decides with
 
 
 @dataclass
@@ -100,9 +101,25 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
         write_csv(Path(run_dir) / "metrics.csv", metrics)
         write_csv(Path(run_dir) / "scores.csv", scored)
         write_csv(Path(run_dir) / "pixel_curves.csv", curves)
+        write_json(Path(run_dir) / THRESHOLDS, decision_thresholds(metrics, scored, pixels))
         update_config(run_dir, model=model.cfg.to_dict(), evaluation=cfg.to_dict(),
                       test_manifests=df.attrs.get("paths"), test_root=str(data_root), **weights_note(model))
     return EvalResult(metrics, scored, curves)
+
+
+def decision_thresholds(metrics: pd.DataFrame, scores: pd.DataFrame, pixels: dict) -> dict:
+    """The F1-optimal thresholds evaluation found: per category (image and pixel level), and pooled
+    over every evaluated image / annotated pixel, for categories it never saw."""
+    rows = metrics[metrics.category != "mean"]
+    per = lambda col: {f"{d}/{c}": float(v) for d, c, v in zip(rows.dataset, rows.category, rows[col])  # noqa: E731
+                       if np.isfinite(v)}
+    pooled_image = image_metrics(scores.label.values, scores.score.values)[0]["image_threshold"]
+    pooled_pixel = PixelAccumulator.merged(list(pixels.values())).compute()[0]["pixel_threshold"] if pixels else np.nan
+    finite = lambda v: float(v) if np.isfinite(v) else None  # noqa: E731
+    return {"image": per("image_threshold"), "pixel": per("pixel_threshold"),
+            "image_pooled": finite(pooled_image), "pixel_pooled": finite(pooled_pixel),
+            "note": "F1-optimal thresholds found by evaluation (adaclip.evaluate); image scores >= image "
+                    "threshold are anomalous, map pixels >= pixel threshold are in the mask"}
 
 
 def pixel_curves(pixels: dict) -> pd.DataFrame:
@@ -133,5 +150,5 @@ def _with_means(rows: list[dict]) -> pd.DataFrame:
         out.append(pd.DataFrame([{"dataset": "all", "category": "mean", "images": int(table.images.sum()),
                                   "anomalous": int(table.anomalous.sum()), **mean_row(cats, METRIC_KEYS),
                                   "note": "unweighted mean over all categories; undefined values left out"}]))
-    cols = ["dataset", "category", "images", "anomalous", *METRIC_KEYS, "image_threshold", "note"]
+    cols = ["dataset", "category", "images", "anomalous", *METRIC_KEYS, "image_threshold", "pixel_threshold", "note"]
     return pd.concat(out, ignore_index=True).reindex(columns=cols)

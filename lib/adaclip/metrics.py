@@ -97,6 +97,10 @@ class PixelAccumulator:
         fp = np.cumsum(self.neg[::-1][keep[::-1]]).astype(np.float64)
         return keep, tp, fp
 
+    def _thresholds(self, keep: np.ndarray) -> np.ndarray:
+        """The score threshold of each point of `_cumulative` (the lower edge of its bin)."""
+        return (self.bins - 1 - np.flatnonzero(keep[::-1])) / self.bins
+
     def curve(self, max_points: int = 1000) -> dict:
         """ROC and PR curve points from the histograms (no maps needed): {'threshold', 'fpr', 'tpr',
         'precision'} arrays, thresholds from high to low (recall = tpr). Thinned to about
@@ -106,7 +110,7 @@ class PixelAccumulator:
         if P == 0 or N == 0:
             return {k: np.zeros(0) for k in ("threshold", "fpr", "tpr", "precision")}
         keep, tp, fp = self._cumulative()
-        thresholds = (self.bins - 1 - np.flatnonzero(keep[::-1])) / self.bins             # bin lower edges
+        thresholds = self._thresholds(keep)
         length = np.r_[0.0, np.cumsum(np.hypot(np.diff(fp / N), np.diff(tp / P)))]
         step = np.floor(length / max(length[-1], 1e-12) * max_points)
         idx = np.unique(np.r_[0, np.flatnonzero(np.diff(step)) + 1, len(tp) - 1])
@@ -133,14 +137,17 @@ class PixelAccumulator:
         if P == 0 or N == 0:
             which = "no pixel annotations" if self.images == 0 else \
                 ("no anomalous pixels" if P == 0 else "no normal pixels")
-            return dict.fromkeys(keys, NAN), [f"pixel metrics undefined: {which}"]
+            return {**dict.fromkeys(keys, NAN), "pixel_threshold": NAN}, [f"pixel metrics undefined: {which}"]
         keep, tp, fp = self._cumulative()
         tpr, fpr = tp / P, fp / N
         auroc = float(np.trapezoid(np.r_[0.0, tpr], np.r_[0.0, fpr]))
         precision = tp / (tp + fp)
         ap = float(np.sum(np.diff(np.r_[0.0, tpr]) * precision))          # step-wise, as scikit-learn
-        f1 = float(np.max(2 * precision * tpr / np.maximum(precision + tpr, 1e-12)))
-        values = dict(pixel_auroc=auroc, pixel_ap=ap, pixel_f1=f1, pixel_aupro=NAN)
+        f1s = 2 * precision * tpr / np.maximum(precision + tpr, 1e-12)
+        best = int(np.argmax(f1s))
+        f1 = float(f1s[best])
+        values = dict(pixel_auroc=auroc, pixel_ap=ap, pixel_f1=f1, pixel_aupro=NAN,
+                      pixel_threshold=float(self._thresholds(keep)[best]))
         if not self.aupro:
             return values, ["pixel_aupro not computed (aupro=False)"]
         pro = np.cumsum(self.pro[::-1][keep[::-1]]) / self.regions
@@ -175,7 +182,8 @@ def summarize(labels, scores, pixels: Optional[PixelAccumulator]) -> dict:
     """All metrics of one category, with a ``note`` column saying why any is undefined."""
     values, notes = image_metrics(labels, scores)
     if pixels is None:
-        pixel_values, pixel_notes = dict.fromkeys(METRIC_KEYS[3:], NAN), ["pixel metrics undefined: no pixel annotations"]
+        pixel_values = {**dict.fromkeys(METRIC_KEYS[3:], NAN), "pixel_threshold": NAN}
+        pixel_notes = ["pixel metrics undefined: no pixel annotations"]
     else:
         pixel_values, pixel_notes = pixels.compute()
     return {**values, **pixel_values, "note": "; ".join(notes + pixel_notes)}
