@@ -97,9 +97,13 @@ def _evaluate(args) -> int:
     from .data.registry import resolve_manifest, resolve_root, results_root
     from .evaluate import evaluate
 
+    from .data import read_manifests
+
     model = _load_model(args)
-    result = evaluate(model, [resolve_manifest(m) for m in args.test], resolve_root(args.root),
-                      EvalCfg(batch_size=args.batch_size, save_maps=args.save_maps), run_dir=results_root() / args.run)
+    rows = read_manifests([resolve_manifest(m) for m in args.test])
+    test = rows[rows.split == args.test_split].reset_index(drop=True) if args.test_split else rows
+    cfg = EvalCfg(batch_size=args.batch_size, save_maps=args.save_maps, k_shot=args.k_shot, shot_seed=args.shot_seed)
+    result = evaluate(model, test, resolve_root(args.root), cfg, run_dir=results_root() / args.run, references=rows)
     print(result.metrics.round(4).to_string(index=False))
     return 0
 
@@ -250,6 +254,10 @@ def main(argv=None) -> int:
     e.add_argument("--run", required=True)
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--save-maps", action="store_true")
+    e.add_argument("--test-split", default="test", help="rows of this split are evaluated ('' for all)")
+    e.add_argument("--k-shot", type=int, default=0, help="few-shot: normal references per category from the "
+                                                          "manifests' train split (0: zero-shot)")
+    e.add_argument("--shot-seed", type=int, default=0)
     e.set_defaults(fn=_evaluate)
 
     q = sub.add_parser("predict", help="score your own images: overlays, masks, predictions.csv")

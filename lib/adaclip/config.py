@@ -176,6 +176,12 @@ class EvalCfg(_DictMixin):
     aupro_fpr_limit: float = 0.3
     save_maps: bool = False             # compressed anomaly maps (npz) in the run folder
     pixel_metric_size: Optional[int] = None  # None: evaluate maps at the model's input size
+    k_shot: int = 0                     # normal reference images per category (few-shot); 0 = zero-shot
+    shot_seed: int = 0                  # which references are drawn from the normal training images
+
+    def __post_init__(self):
+        if self.k_shot < 0:
+            raise ValueError(f"evaluation k_shot must be >= 0, got {self.k_shot}")
 
 
 _NESTED: dict[tuple[str, str], Any] = {

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from .config import EvalCfg
 from .data import AnomalyDataset, check, read_manifests
+from .fewshot import FewShotMemory, draw_references, reference_list
 from .io import atomic_path, write_csv, write_json
 from .metrics import METRIC_KEYS, PixelAccumulator, image_metrics, mean_row, summarize
 from .runs import update_config, weights_note
@@ -43,19 +44,35 @@ def as_manifest(manifests) -> pd.DataFrame:
 
 @torch.no_grad()
 def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = None, run_dir: Optional[PathLike] = None,
-             progress: bool = True, validate_files: bool = True) -> EvalResult:
+             progress: bool = True, validate_files: bool = True, references=None) -> EvalResult:
     """Run ``model`` over ``manifests`` (DataFrame or CSV paths) in batches and score it.
 
     Pixel metrics use only images with pixel ground truth, at the model's input size (or
     ``cfg.pixel_metric_size``); image-level-only datasets get NaN pixel metrics with a note.
+    ``cfg.k_shot > 0``: few-shot mode (fewshot.py); the references are drawn with ``cfg.shot_seed``
+    from the normal training images (split "train") of each category in ``references`` (DataFrame
+    or CSV paths; default: ``manifests`` themselves) and listed in config.json.
     """
     cfg = cfg or EvalCfg()
     df = as_manifest(manifests).reset_index(drop=True)
+    drawn = None
+    if cfg.k_shot:
+        pool = as_manifest(references) if references is not None else df
+        drawn = draw_references(pool, df, cfg.k_shot, cfg.shot_seed)
     if validate_files:
         check(df, data_root)
+        if drawn:
+            check(pd.concat(drawn.values(), ignore_index=True), data_root)
     device = model.device
     was_training = model.training
     model.eval()
+    memory = None
+    if drawn:
+        memory = FewShotMemory(model)
+        for (name, category), rows in drawn.items():
+            refs = AnomalyDataset(rows, data_root, model.transform, model.image_size)
+            with autocast(device):
+                memory.add(f"{name}/{category}", torch.stack([refs[i]["image"] for i in range(len(refs))]), category)
     dataset = AnomalyDataset(df, data_root, model.transform, model.image_size)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
     keys = list(dict.fromkeys(zip(df.dataset, df.category)))
@@ -65,7 +82,9 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
 
     for batch in tqdm(loader, desc="evaluate", disable=not progress):
         with autocast(device):
-            out = model(batch["image"].to(device), list(batch["class_name"]))
+            out = model(batch["image"].to(device), list(batch["class_name"]), return_tokens=memory is not None)
+            if memory is not None:
+                out = memory.apply(out, [f"{df.at[i, 'dataset']}/{df.at[i, 'category']}" for i in batch["index"].tolist()])
         maps, masks = out.pixel_scores, batch["mask"]
         if cfg.pixel_metric_size and cfg.pixel_metric_size != maps.shape[-1]:
             size = (cfg.pixel_metric_size,) * 2
@@ -103,7 +122,9 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
         write_csv(Path(run_dir) / "pixel_curves.csv", curves)
         write_json(Path(run_dir) / THRESHOLDS, decision_thresholds(metrics, scored, pixels))
         update_config(run_dir, model=model.cfg.to_dict(), evaluation=cfg.to_dict(),
-                      test_manifests=df.attrs.get("paths"), test_root=str(data_root), **weights_note(model))
+                      test_manifests=df.attrs.get("paths"), test_root=str(data_root),
+                      few_shot={"k_shot": cfg.k_shot, "seed": cfg.shot_seed, "references": reference_list(drawn)},
+                      **weights_note(model))
     return EvalResult(metrics, scored, curves)
 
 

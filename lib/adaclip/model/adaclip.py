@@ -35,6 +35,7 @@ class AdaCLIPOutput:
     pixel_scores: torch.Tensor                       # (B, S, S) smoothed anomaly map in [0, 1]
     image_probs: torch.Tensor                        # (B, 2) [normal, abnormal], for the loss
     layer_maps: Optional[list[torch.Tensor]] = None  # per output layer (B, 2, S, S) softmax, for the loss
+    patch_tokens: Optional[list[torch.Tensor]] = None  # per output layer (B, N, W), the maps' own pass (few-shot)
 
 
 class AdaCLIP(nn.Module):
@@ -183,7 +184,7 @@ class AdaCLIP(nn.Module):
         return class_names
 
     def forward(self, images: torch.Tensor, class_names: Union[str, Sequence[str]],
-                return_layer_maps: bool = False) -> AdaCLIPOutput:
+                return_layer_maps: bool = False, return_tokens: bool = False) -> AdaCLIPOutput:
         """images: (B, 3, S, S) from `transform`; class_names: one per image (or one for all)."""
         class_names = self._check_inputs(images, class_names)
         p, visual = self.cfg.prompts, self.clip.visual
@@ -228,7 +229,7 @@ class AdaCLIP(nn.Module):
             pixel = (agg[:, 1] + 1 - agg[:, 0]) / 2                                         # (B, S, S)
             pixel = gaussian_blur(pixel, fc.smoothing_sigma)
             layer_maps = [torch.softmax(m, dim=1) for m in maps] if return_layer_maps else None
-        return AdaCLIPOutput(image_probs[:, 1], pixel, image_probs, layer_maps)
+        return AdaCLIPOutput(image_probs[:, 1], pixel, image_probs, layer_maps, tokens if return_tokens else None)
 
     def _upsample(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, N, 2) -> (B, 2, S, S), bilinear with align_corners=True (reference)."""

@@ -1,0 +1,92 @@
+"""Few-shot mode: the memory bank's map by hand, references drawn from the train split, refusals."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adaclip import AdaCLIP, AdaCLIPConfig, EvalCfg
+from adaclip.data import build_manifest
+from adaclip.data.synthetic import make_synthetic
+from adaclip.evaluate import evaluate
+from adaclip.fewshot import FewShotMemory, draw_references
+from adaclip.model.fusion import gaussian_blur
+from adaclip.pipeline import check_parameters
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    make_synthetic(root / "synthetic", categories=("stripes", "checker"), n_train=4, n_good=3, n_defect=3, size=32)
+    return root, build_manifest("synthetic", root)
+
+
+def _model():
+    torch.manual_seed(0)
+    return AdaCLIP.from_config(AdaCLIPConfig.tiny()).eval()
+
+
+def test_memory_map_by_hand(images):
+    model = _model()
+    refs = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    memory = FewShotMemory(model)
+    memory.add("d/widget", refs, "widget")
+    with torch.no_grad():
+        out = model(images, "widget", return_tokens=True)
+        ref_tokens = model(refs, "widget", return_tokens=True).patch_tokens
+        dist = []
+        for b in range(3):
+            per_layer = []
+            for t, r in zip(out.patch_tokens, ref_tokens):
+                bank = F.normalize(r, dim=-1).reshape(-1, r.shape[-1])                # (k·N, W)
+                per_layer.append(1 - (F.normalize(t[b], dim=-1) @ bank.T).max(-1).values)
+            dist.append(torch.stack(per_layer).mean(0).clamp(0, 1))
+        up = F.interpolate(torch.stack(dist).reshape(3, 1, 4, 4), size=(32, 32), mode="bilinear", align_corners=True)
+        few = gaussian_blur(up[:, 0], 4.0).clamp(0, 1)
+        combined = memory.apply(out, ["d/widget"] * 3)
+    torch.testing.assert_close(combined.pixel_scores, (out.pixel_scores + few) / 2)
+    torch.testing.assert_close(combined.image_scores, (out.image_scores + few.flatten(1).max(1).values) / 2)
+    # an image among its own references is at distance 0 everywhere: only the zero-shot half is left
+    with torch.no_grad():
+        same = memory.apply(model(refs[:1], "widget", return_tokens=True), ["d/widget"])
+        zero_shot = model(refs[:1], "widget")
+    torch.testing.assert_close(same.pixel_scores, zero_shot.pixel_scores / 2, atol=1e-5, rtol=0)
+
+
+def test_evaluate_k_shot_draws_train_normals_and_lists_them(synthetic, tmp_path):
+    root, df = synthetic
+    test = df[df.split == "test"].reset_index(drop=True)
+    model = _model()
+    cfg = EvalCfg(batch_size=4, k_shot=2, shot_seed=3)
+    result = evaluate(model, test, root, cfg, run_dir=tmp_path, progress=False, references=df)
+    refs = json.loads((tmp_path / "config.json").read_text())["few_shot"]
+    assert refs["k_shot"] == 2 and refs["seed"] == 3 and set(refs["references"]) == {"synthetic/stripes", "synthetic/checker"}
+    for key, images in refs["references"].items():
+        assert len(images) == 2 and all(f"{key.split('/')[1]}/train/good/" in p for p in images)
+    zero = evaluate(model, test, root, EvalCfg(batch_size=4), progress=False)
+    assert not result.scores.score.equals(zero.scores.score)           # the references changed the scores
+    again = evaluate(model, test, root, cfg, progress=False, references=df)
+    assert result.scores.score.equals(again.scores.score)              # same seed, same references
+    assert draw_references(df, test, 2, 3)[("synthetic", "stripes")].image.tolist() == \
+        refs["references"]["synthetic/stripes"]
+
+
+def test_references_overlapping_the_test_set_are_refused(synthetic):
+    root, df = synthetic
+    with pytest.raises(ValueError, match="is also a test image"):
+        evaluate(_model(), df, root, EvalCfg(k_shot=4), progress=False)  # train normals among the test rows
+
+
+def test_category_without_normal_training_images_is_named(synthetic):
+    root, df = synthetic
+    test = df[df.split == "test"].reset_index(drop=True)
+    with pytest.raises(ValueError, match="synthetic/checker has no normal training images"):
+        evaluate(_model(), test, root, EvalCfg(k_shot=1), progress=False, references=df[df.category != "checker"])
+    with pytest.raises(ValueError, match="fewer than k_shot=9"):
+        draw_references(df, test, 9)
+
+
+def test_k_shot_is_a_notebook_parameter_and_a_sweep_axis():
+    check_parameters({"k_shot": 2, "shot_seed": 1})
+    with pytest.raises(ValueError, match=">= 0"):
+        EvalCfg(k_shot=-1)
