@@ -11,6 +11,7 @@
     adaclip pipeline --run default                  run notebooks 00-03 with papermill (+ the clip baseline)
     adaclip sweep notebooks/params/ablations_tiny.yaml --run tiny   notebooks 01-02 per configuration, sweep.csv
     adaclip predict imgs/ --checkpoint results/r/model.pt --class-name bottle --out preds [--masks]
+    adaclip export --checkpoint results/r/model.pt --class-name bottle --out bottle.onnx
     adaclip benchmark [--backbone ViT-B-16 ...]     speed and memory numbers
 """
 from __future__ import annotations
@@ -149,6 +150,28 @@ def _predict(args) -> int:
     return 1 if failures else 0
 
 
+def _export(args) -> int:
+    import torch
+
+    from .export import compare_with_torch, export_onnx
+    from .model import CheckpointError
+
+    try:
+        model = _load_model(args)
+    except (FileNotFoundError, ValueError, CheckpointError) as e:
+        print(f"adaclip export: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out or f"adaclip-{args.class_name}.onnx")
+    if model.cfg.fusion.use_hsf:
+        print("HSF is exported exactly: its k-means runs all of its Lloyd steps in the graph")
+    export_onnx(model, args.class_name, out, batch_size=args.batch_size)
+    size = model.image_size
+    diffs = compare_with_torch(out, model, torch.rand(args.batch_size, 3, size, size) * 4 - 2)
+    print(f"{out}: images ({args.batch_size}, 3, {size}, {size}) -> image_scores, anomaly_maps; largest difference "
+          f"from PyTorch: scores {diffs['image_scores']:.2e}, maps {diffs['anomaly_maps']:.2e}")
+    return 0
+
+
 def _pipeline(args) -> int:
     from .pipeline import run_pipeline
 
@@ -276,6 +299,17 @@ def main(argv=None) -> int:
     q.add_argument("--masks", action="store_true", help="also write binary mask PNGs")
     q.add_argument("--device", default="cpu")
     q.set_defaults(fn=_predict)
+
+    x = sub.add_parser("export", help="export the inference graph for one class name to ONNX")
+    x.add_argument("--checkpoint", required=True)
+    x.add_argument("--official", action="store_true", help="an official AdaCLIP release file")
+    x.add_argument("--backbone", default="ViT-L-14-336", help="with --official: the file's backbone")
+    x.add_argument("--image-size", type=int, default=518, help="with --official: the file's input size")
+    x.add_argument("--pretrained", default=None, help="CLIP weights: a file or tag (--official: default openai)")
+    x.add_argument("--class-name", required=True)
+    x.add_argument("--out", default=None, help="default: adaclip-<class name>.onnx")
+    x.add_argument("--batch-size", type=int, default=1, help="the graph's fixed batch size")
+    x.set_defaults(fn=_export)
 
     r = sub.add_parser("pipeline", help="run the notebooks headless with papermill")
     r.add_argument("--run", default="default", help="run name: results/<run>/")

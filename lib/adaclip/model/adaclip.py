@@ -184,8 +184,11 @@ class AdaCLIP(nn.Module):
         return class_names
 
     def forward(self, images: torch.Tensor, class_names: Union[str, Sequence[str]],
-                return_layer_maps: bool = False, return_tokens: bool = False) -> AdaCLIPOutput:
-        """images: (B, 3, S, S) from `transform`; class_names: one per image (or one for all)."""
+                return_layer_maps: bool = False, return_tokens: bool = False,
+                text_features: Optional[torch.Tensor] = None) -> AdaCLIPOutput:
+        """images: (B, 3, S, S) from `transform`; class_names: one per image (or one for all).
+        ``text_features`` (B, D, 2): precomputed ones, valid only where no dynamic text prompt makes
+        them depend on the image (an exported graph keeps them as constants)."""
         class_names = self._check_inputs(images, class_names)
         p, visual = self.cfg.prompts, self.clip.visual
         dynamic = p.dynamic and bool(p.branch)
@@ -203,7 +206,7 @@ class AdaCLIP(nn.Module):
             feature, tokens = encode_image(visual, images, self.out_layers,
                                            self.visual_prompts.layer_prompts(dyn_v))
         # 4. text features (B, D, 2)
-        text = self.text_features(class_names, dyn_t)
+        text = self.text_features(class_names, dyn_t) if text_features is None else text_features
         # 5. projections into the joint space
         if self.patch_proj is None:               # "clip": CLIP's own ln_post and projection
             patch = [F.normalize(visual.ln_post(t) @ visual.proj, dim=-1) for t in tokens]    # (B, N, D) each

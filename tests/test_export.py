@@ -1,0 +1,73 @@
+"""ONNX export: the whole inference graph, run with onnxruntime, equals PyTorch on the tiny model."""
+import json
+
+import pytest
+import torch
+
+from adaclip import AdaCLIP, AdaCLIPConfig, FusionCfg, PromptCfg, cli
+from adaclip.export import InferenceGraph, compare_with_torch
+
+onnx = pytest.importorskip("onnx", reason="the optional extra 'export' (make test installs it)")
+ort = pytest.importorskip("onnxruntime", reason="the optional extra 'export' (make test installs it)")
+
+
+def _model(**prompts):
+    torch.manual_seed(0)
+    cfg = AdaCLIPConfig.tiny()
+    if prompts:
+        cfg.prompts = PromptCfg(depth=2, length=2, **prompts)
+    model = AdaCLIP.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in model.learnable_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def test_cli_export_with_hsf_and_dynamic_text_matches_pytorch(tmp_path, capsys):
+    """The paper's setting in miniature: hybrid prompts in both branches (the text pass is in the
+    graph) and HSF (k-means with all its Lloyd steps)."""
+    model = _model()
+    model.save(tmp_path / "model.pt")
+    out = tmp_path / "bottle.onnx"
+    assert cli.main(["export", "--checkpoint", str(tmp_path / "model.pt"), "--class-name", "bottle", "--out", str(out),
+                     "--batch-size", "2"]) == 0
+    assert "largest difference from PyTorch" in capsys.readouterr().out
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    assert meta["class_name"] == "bottle" and meta["image_size"] == "32" and meta["batch_size"] == "2"
+    assert "exactly" in meta["hsf"] and "computed in the graph" in meta["text"] and meta["backbone_weights"] == "random"
+    proto = onnx.load(str(out))
+    assert (49408, 32) in [tuple(t.dims) for t in proto.graph.initializer]               # the text tower is in
+    assert sum(n.op_type == "ArgMin" for n in proto.graph.node) == 100                   # every Lloyd step
+    assert json.loads(meta["config"])["fusion"]["use_hsf"] is True
+    for seed in (1, 2):                                    # inputs other than the one traced
+        images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+        diffs = compare_with_torch(out, model, images)
+        assert diffs["image_scores"] < 1e-4 and diffs["anomaly_maps"] < 1e-4, diffs
+    scores, maps = session.run(None, {"images": images.numpy()})
+    assert scores.shape == (2,) and maps.shape == (2, 32, 32)
+
+
+def test_static_text_is_precomputed(tmp_path):
+    """Without dynamic text prompts the text features are constants: no text tower in the graph."""
+    from adaclip.export import export_onnx
+    model = _model(type="S")
+    graph = InferenceGraph(model, "screw")
+    assert graph.text is not None and graph.text.shape == (1, 32, 2)
+    images = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(graph(images)[1], model(images, "screw").pixel_scores)
+    model.cfg.fusion = FusionCfg(use_hsf=False, k_clusters=3)
+    path = export_onnx(model, "screw", tmp_path / "screw.onnx")
+    proto = onnx.load(str(path))
+    assert "HSF off" in {p.key: p.value for p in proto.metadata_props}["hsf"]
+    # the text tower would bring its token-embedding table (vocabulary x width) into the file
+    shapes = [tuple(t.dims) for t in proto.graph.initializer]
+    assert (49408, 32) not in shapes and "precomputed" in {p.key: p.value for p in proto.metadata_props}["text"]
+    diffs = compare_with_torch(path, model, images)
+    assert diffs["image_scores"] < 1e-4 and diffs["anomaly_maps"] < 1e-4
+
+
+def test_export_of_a_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    assert cli.main(["export", "--checkpoint", str(tmp_path / "none.pt"), "--class-name", "bottle"]) == 2
+    assert "none.pt does not exist" in capsys.readouterr().err
