@@ -43,8 +43,10 @@ def _mvtec_mask(rel: str) -> str:
     return "/".join([*prefix, "ground_truth", kind, name.replace(".png", "_mask.png")])
 
 
-def build_sample(shared_root: Union[str, Path], dest: Union[str, Path] = SAMPLE_ROOT, per_class: int = 5) -> Path:
-    """Copy a handful of images per dataset from ``shared_root`` into ``dest``, downscaled."""
+def build_sample(shared_root: Union[str, Path], dest: Union[str, Path] = SAMPLE_ROOT, per_class: int = 5,
+                 train_normals: int = 2) -> Path:
+    """Copy a handful of images per dataset from ``shared_root`` into ``dest``, downscaled (VisA also
+    ``train_normals`` normal training images per object: few-shot references)."""
     src, dest = Path(shared_root), Path(dest)
     for sub in ("mvtec", "visa", "glass", "headct", "kvasir"):
         shutil.rmtree(dest / sub, ignore_errors=True)
@@ -55,13 +57,13 @@ def build_sample(shared_root: Union[str, Path], dest: Union[str, Path] = SAMPLE_
             if "/good/" not in rel:
                 _downscale(src / folder / _mvtec_mask(rel), dest / folder / _mvtec_mask(rel), mask=True)
     shutil.copy(src / "mvtec/bottle/license.txt", dest / "mvtec/bottle/license.txt")
-    # VisA: first test rows per object and label of the official split file
+    # VisA: first test rows per object and label of the official split file, and a few train normals
     with open(src / "visa/split_csv/1cls.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     keep, seen = [], {}
     for r in rows:
-        key = (r["object"], r["label"])
-        if r["split"] == "test" and seen.get(key, 0) < per_class:
+        key = (r["object"], r["split"], r["label"])
+        if seen.get(key, 0) < (per_class if r["split"] == "test" else train_normals):
             seen[key] = seen.get(key, 0) + 1
             keep.append(r)
             _downscale(src / "visa" / r["image"], dest / "visa" / r["image"])
