@@ -71,6 +71,17 @@ def test_evaluate_k_shot_draws_train_normals_and_lists_them(synthetic, tmp_path)
         refs["references"]["synthetic/stripes"]
 
 
+def test_references_come_from_the_train_split_and_the_seed(synthetic):
+    _, df = synthetic
+    test = df[df.split == "test"].reset_index(drop=True)
+    key = ("synthetic", "stripes")
+    drawn = {seed: tuple(draw_references(df, test, 2, seed)[key].image) for seed in range(6)}
+    assert all("/train/good/" in p for images in drawn.values() for p in images)
+    assert len(set(drawn.values())) > 1                                  # the seed chooses among them
+    everything = draw_references(df, test, 4, 0)[key]                    # all 4 train normals, no test normal
+    assert sorted(everything.image) == sorted(df[(df.split == "train") & (df.category == "stripes")].image)
+
+
 def test_references_overlapping_the_test_set_are_refused(synthetic):
     root, df = synthetic
     with pytest.raises(ValueError, match="is also a test image"):
