@@ -109,6 +109,16 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _checkpoint_arguments(parser) -> None:
+    """The options `_load_model` reads: a checkpoint of ours, or an official file and its setting."""
+    parser.add_argument("--checkpoint", required=True, help="a run's model.pt, or an official file with --official")
+    parser.add_argument("--official", action="store_true", help="an official AdaCLIP release file")
+    parser.add_argument("--backbone", default="ViT-L-14-336", help="with --official: the file's backbone")
+    parser.add_argument("--image-size", type=int, default=518, help="with --official: the file's input size")
+    parser.add_argument("--pretrained", default=None,
+                        help="CLIP weights, a file or tag: replaces the checkpoint's (--official: default openai)")
+
+
 def _load_model(args):
     """Our checkpoint, or an official release file built with the given (default: paper) setting."""
     from . import AdaCLIP, AdaCLIPConfig
@@ -267,11 +277,7 @@ def main(argv=None) -> int:
     t.set_defaults(fn=_train)
 
     e = sub.add_parser("evaluate", help="zero-shot evaluation of a checkpoint")
-    e.add_argument("--checkpoint", required=True)
-    e.add_argument("--official", action="store_true", help="an official AdaCLIP release file")
-    e.add_argument("--backbone", default="ViT-L-14-336", help="with --official: the file's backbone")
-    e.add_argument("--image-size", type=int, default=518, help="with --official: the file's input size")
-    e.add_argument("--pretrained", default=None, help="override the checkpoint's CLIP weights (a file)")
+    _checkpoint_arguments(e)
     e.add_argument("--test", nargs="+", required=True)
     e.add_argument("--root", default=None)
     e.add_argument("--run", required=True)
@@ -285,11 +291,7 @@ def main(argv=None) -> int:
 
     q = sub.add_parser("predict", help="score your own images: overlays, masks, predictions.csv")
     q.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
-    q.add_argument("--checkpoint", required=True, help="a run's model.pt, or an official file with --official")
-    q.add_argument("--official", action="store_true", help="an official AdaCLIP release file")
-    q.add_argument("--backbone", default="ViT-L-14-336", help="with --official: the file's backbone")
-    q.add_argument("--image-size", type=int, default=518, help="with --official: the file's input size")
-    q.add_argument("--pretrained", default=None, help="CLIP weights: a file or tag (--official: default openai)")
+    _checkpoint_arguments(q)
     q.add_argument("--class-name", required=True, help="what the images show; it fills the text prompts")
     q.add_argument("--threshold", type=float, default=None,
                    help="image-score threshold (default: evaluation's F1-optimal one, thresholds.json)")
@@ -301,11 +303,7 @@ def main(argv=None) -> int:
     q.set_defaults(fn=_predict)
 
     x = sub.add_parser("export", help="export the inference graph for one class name to ONNX")
-    x.add_argument("--checkpoint", required=True)
-    x.add_argument("--official", action="store_true", help="an official AdaCLIP release file")
-    x.add_argument("--backbone", default="ViT-L-14-336", help="with --official: the file's backbone")
-    x.add_argument("--image-size", type=int, default=518, help="with --official: the file's input size")
-    x.add_argument("--pretrained", default=None, help="CLIP weights: a file or tag (--official: default openai)")
+    _checkpoint_arguments(x)
     x.add_argument("--class-name", required=True)
     x.add_argument("--out", default=None, help="default: adaclip-<class name>.onnx")
     x.add_argument("--batch-size", type=int, default=1, help="the graph's fixed batch size")
