@@ -66,13 +66,7 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
     device = model.device
     was_training = model.training
     model.eval()
-    memory = None
-    if drawn:
-        memory = FewShotMemory(model)
-        for (name, category), rows in drawn.items():
-            refs = AnomalyDataset(rows, data_root, model.transform, model.image_size)
-            with autocast(device):
-                memory.add(f"{name}/{category}", torch.stack([refs[i]["image"] for i in range(len(refs))]), category)
+    memory = FewShotMemory.from_references(model, drawn, data_root) if drawn else None
     dataset = AnomalyDataset(df, data_root, model.transform, model.image_size)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
     keys = list(dict.fromkeys(zip(df.dataset, df.category)))

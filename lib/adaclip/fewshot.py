@@ -25,6 +25,20 @@ class FewShotMemory:
         self.model = model
         self.banks: dict[str, list[torch.Tensor]] = {}   # key -> per layer (k·N, W), L2-normalised
 
+    @classmethod
+    def from_references(cls, model, drawn: dict, root) -> "FewShotMemory":
+        """A memory of every category's references: ``drawn`` maps (dataset, category) to manifest rows
+        (see `draw_references`) whose paths are relative to ``root``."""
+        from .data import AnomalyDataset
+        from .evaluate import autocast
+
+        memory = cls(model)
+        for (name, category), rows in drawn.items():
+            refs = AnomalyDataset(rows, root, model.transform, model.image_size)
+            with autocast(model.device):
+                memory.add(f"{name}/{category}", torch.stack([refs[i]["image"] for i in range(len(refs))]), category)
+        return memory
+
     @torch.no_grad()
     def add(self, key: str, images: torch.Tensor, class_name: str) -> None:
         """Remember the patch features of ``images`` (k, 3, S, S), normal images of category ``key``."""
