@@ -11,6 +11,7 @@ threshold pooled over everything it evaluated. A file that cannot be read is rep
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
@@ -84,11 +85,14 @@ def _save_png(image: Image.Image, path: Path) -> None:
 
 
 def _unique_names(files: Sequence[Path]) -> list[str]:
-    """Output names from the file stems, numbered where two stems collide."""
+    """Output names: each file's path below the files' common folder, '/' as '_' (broken_large_000),
+    numbered where two still collide."""
+    common = Path(os.path.commonpath([str(f.resolve().parent) for f in files])) if files else Path()
     names, seen = [], {}
     for f in files:
-        seen[f.stem] = seen.get(f.stem, 0) + 1
-        names.append(f.stem if seen[f.stem] == 1 else f"{f.stem}_{seen[f.stem]}")
+        stem = "_".join(f.resolve().relative_to(common).with_suffix("").parts)
+        seen[stem] = seen.get(stem, 0) + 1
+        names.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
     return names
 
 
