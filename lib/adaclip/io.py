@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Iterator, Union
 
 PathLike = Union[str, Path]
+_UMASK = os.umask(0)
+os.umask(_UMASK)                                # read once: the process's umask, unchanged
 
 
 @contextlib.contextmanager
@@ -20,6 +22,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)          # mkstemp makes 0600; results are ordinary files
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
