@@ -87,7 +87,7 @@ def _train(args) -> int:
 
     cfg = TrainCfg(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, selection=args.selection)
     train(_model_cfg(args), cfg, [resolve_manifest(m) for m in args.train], resolve_root(args.root),
-          results_root() / args.run, resume=args.resume,
+          results_root() / args.run, resume=args.resume, max_steps=args.max_steps,
           test_manifests=[resolve_manifest(m) for m in args.test] if args.test else None)
     print(f"model: {results_root() / args.run / 'model.pt'}")
     return 0
@@ -100,12 +100,15 @@ def _evaluate(args) -> int:
 
     from .data import read_manifests
 
-    model = _load_model(args)
+    from . import distributed
+
+    model = _load_model(args).to(distributed.default_device())
     rows = read_manifests([resolve_manifest(m) for m in args.test])
     test = rows[rows.split == args.test_split].reset_index(drop=True) if args.test_split else rows
     cfg = EvalCfg(batch_size=args.batch_size, save_maps=args.save_maps, k_shot=args.k_shot, shot_seed=args.shot_seed)
     result = evaluate(model, test, resolve_root(args.root), cfg, run_dir=results_root() / args.run, references=rows)
-    print(result.metrics.round(4).to_string(index=False))
+    if distributed.is_main():
+        print(result.metrics.round(4).to_string(index=False))
     return 0
 
 
@@ -258,7 +261,8 @@ def main(argv=None) -> int:
     t.add_argument("--train", nargs="+", required=True, help="training manifests (e.g. sample/mvtec.csv)")
     t.add_argument("--test", nargs="*", help="test manifests: only checked for overlap")
     t.add_argument("--root", default=None)
-    t.add_argument("--run", required=True, help="results/<run>/")
+    t.add_argument("--run", "--run-name", dest="run", required=True,
+                   help="results/<run>/ (under torchrun write --run-name: torchrun takes --run for its --run-path)")
     t.add_argument("--backbone", default="ViT-L-14-336")
     t.add_argument("--pretrained", default="openai", help="open_clip tag, weights file, or 'none'")
     t.add_argument("--image-size", type=int, default=518)
@@ -274,13 +278,15 @@ def main(argv=None) -> int:
     t.add_argument("--seed", type=int, default=111)
     t.add_argument("--selection", default="last", choices=["last", "val", "test_f1"])
     t.add_argument("--resume", action="store_true")
+    t.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke runs)")
     t.set_defaults(fn=_train)
 
     e = sub.add_parser("evaluate", help="zero-shot evaluation of a checkpoint")
     _checkpoint_arguments(e)
     e.add_argument("--test", nargs="+", required=True)
     e.add_argument("--root", default=None)
-    e.add_argument("--run", required=True)
+    e.add_argument("--run", "--run-name", dest="run", required=True,
+                   help="results/<run>/ (under torchrun write --run-name: torchrun takes --run for its --run-path)")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--save-maps", action="store_true")
     e.add_argument("--test-split", default="test", help="rows of this split are evaluated ('' for all)")
@@ -328,6 +334,10 @@ def main(argv=None) -> int:
     w.set_defaults(fn=_sweep)
 
     args = p.parse_args(argv)
+    if args.command in ("train", "evaluate"):
+        from . import distributed
+
+        distributed.init_from_env()          # under torchrun: join its process group (no-op otherwise)
     return args.fn(args)
 
 

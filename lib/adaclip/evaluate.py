@@ -10,9 +10,10 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from . import distributed
 from .config import EvalCfg
 from .data import AnomalyDataset, check, read_manifests
 from .fewshot import FewShotMemory, draw_references, reference_list
@@ -68,13 +69,17 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
     model.eval()
     memory = FewShotMemory.from_references(model, drawn, data_root) if drawn else None
     dataset = AnomalyDataset(df, data_root, model.transform, model.image_size)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
+    # under torchrun each rank scores every world_size-th image; the results are summed below
+    loader = DataLoader(Subset(dataset, distributed.shard(len(df))), batch_size=cfg.batch_size, shuffle=False,
+                        num_workers=cfg.num_workers)
     keys = list(dict.fromkeys(zip(df.dataset, df.category)))
-    pixels = {}      # created on a category's first annotated image: none for image-level datasets
+    # one accumulator per category with pixel ground truth (none for image-level datasets)
+    pixels = {key: PixelAccumulator(fpr_limit=cfg.aupro_fpr_limit, aupro=cfg.aupro)
+              for key in dict.fromkeys((d, c) for d, c, m in zip(df.dataset, df.category, dataset.has_mask) if m)}
     scores = np.zeros(len(df), np.float64)
     maps_dir = Path(run_dir) / "maps" if (run_dir and cfg.save_maps) else None
 
-    for batch in tqdm(loader, desc="evaluate", disable=not progress):
+    for batch in tqdm(loader, desc="evaluate", disable=not progress or not distributed.is_main()):
         with autocast(device):
             out = model(batch["image"].to(device), list(batch["class_name"]), return_tokens=memory is not None)
             if memory is not None:
@@ -89,14 +94,15 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
             scores[i] = float(out.image_scores[j])
             key = (df.at[i, "dataset"], df.at[i, "category"])
             if batch["has_mask"][j]:
-                if key not in pixels:
-                    pixels[key] = PixelAccumulator(fpr_limit=cfg.aupro_fpr_limit, aupro=cfg.aupro)
                 pixels[key].update(maps[j], masks[j])
             if maps_dir is not None:
                 with atomic_path(maps_dir / f"{i:06d}.npz") as tmp:
                     with open(tmp, "wb") as f:
                         np.savez_compressed(f, map=maps[j].astype(np.float16), image=df.at[i, "image"])
     model.train(was_training)
+    scores = distributed.sum_array(scores)               # each image was scored by exactly one rank
+    for acc in pixels.values():
+        acc.set_counts(*[distributed.sum_array(a) for a in acc.counts()])
 
     rows, scored = [], df[["dataset", "category", "image", *(["crop"] if "crop" in df else []), "label"]].copy()
     scored["score"], scored["threshold"], scored["decision"] = scores, np.nan, pd.NA
@@ -110,7 +116,7 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
             scored.loc[sel, "decision"] = (scores[sel] >= m["image_threshold"]).astype(int)
     metrics = _with_means(rows)
     curves = pixel_curves(pixels)
-    if run_dir is not None:
+    if run_dir is not None and distributed.is_main():
         write_csv(Path(run_dir) / "metrics.csv", metrics)
         write_csv(Path(run_dir) / "scores.csv", scored)
         write_csv(Path(run_dir) / "pixel_curves.csv", curves)

@@ -117,6 +117,15 @@ class PixelAccumulator:
         return {"threshold": thresholds[idx], "fpr": fp[idx] / N, "tpr": tp[idx] / P,
                 "precision": tp[idx] / (tp[idx] + fp[idx])}
 
+    def counts(self) -> tuple[np.ndarray, ...]:
+        """The state as arrays (pos, neg, pro, [regions, images]): what shards of a run add up."""
+        return self.pos, self.neg, self.pro, np.array([self.regions, self.images], np.int64)
+
+    def set_counts(self, pos: np.ndarray, neg: np.ndarray, pro: np.ndarray, totals: np.ndarray) -> None:
+        """Replace the state by (summed) `counts` arrays."""
+        self.pos, self.neg, self.pro = pos, neg, pro
+        self.regions, self.images = int(totals[0]), int(totals[1])
+
     @classmethod
     def merged(cls, parts: list["PixelAccumulator"]) -> "PixelAccumulator":
         """One accumulator holding all of ``parts``' pixels (pooled curves; shards of a run)."""

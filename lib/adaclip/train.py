@@ -8,6 +8,7 @@ uninterrupted one: the data order and every random draw of an epoch depend on (s
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import random
 from pathlib import Path
@@ -16,9 +17,11 @@ from typing import Optional, Union
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
+from . import distributed
 from .config import AdaCLIPConfig, EvalCfg, TrainCfg
 from .data import AnomalyDataset, ManifestError, check, check_disjoint
 from .evaluate import as_manifest, autocast, evaluate
@@ -75,7 +78,8 @@ def train(model_cfg: Union[AdaCLIPConfig, dict], train_cfg: Union[TrainCfg, dict
     model_cfg = AdaCLIPConfig.from_dict(model_cfg) if isinstance(model_cfg, dict) else model_cfg
     cfg = TrainCfg.from_dict(train_cfg) if isinstance(train_cfg, dict) else train_cfg
     run_dir, ckpt_dir = Path(run_dir), Path(run_dir) / "checkpoints"
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device) if device else distributed.default_device()
+    main = distributed.is_main()              # under torchrun only rank 0 writes files
 
     train_df = as_manifest(train_manifests).reset_index(drop=True)
     check(train_df, data_root)                       # every bad file, before any training
@@ -93,11 +97,13 @@ def train(model_cfg: Union[AdaCLIPConfig, dict], train_cfg: Union[TrainCfg, dict
     what_ran = dict(model=model_cfg.to_dict(), train=cfg.to_dict(), train_manifests=_sources(train_manifests),
                     test_manifests=_sources(test_manifests), data_root=str(data_root), **weights_note(model))
     if not model.learnable_parameters():           # a training-free baseline ("clip"): a run like any other
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(run_dir / "train_log.csv") as tmp:
-            pd.DataFrame(columns=LOG_FIELDS).to_csv(tmp, index=False)
-        model.save(run_dir / "model.pt", epoch=0, selection="none")
-        update_config(run_dir, **what_ran, selected_epoch=None, selection="none (training-free: nothing to learn)")
+        if main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            with atomic_path(run_dir / "train_log.csv") as tmp:
+                pd.DataFrame(columns=LOG_FIELDS).to_csv(tmp, index=False)
+            model.save(run_dir / "model.pt", epoch=0, selection="none")
+            update_config(run_dir, **what_ran, selected_epoch=None, selection="none (training-free: nothing to learn)")
+        distributed.barrier()
         print(f"method {model_cfg.method!r} learns nothing: no training; {run_dir / 'model.pt'} holds its config")
         return model
     optimizer = torch.optim.AdamW(model.learnable_parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
@@ -122,25 +128,30 @@ def train(model_cfg: Union[AdaCLIPConfig, dict], train_cfg: Union[TrainCfg, dict
             with atomic_path(log_path) as tmp:
                 log.to_csv(tmp, index=False)
         print(f"resuming {run_dir} after epoch {start_epoch} (step {step})")
-    elif not resume and log_path.exists():
+    elif not resume and log_path.exists() and main:
         log_path.unlink()
 
-    update_config(run_dir, **what_ran)
+    if main:
+        update_config(run_dir, **what_ran)
     dataset = AnomalyDataset(train_df, data_root, model.transform, model.image_size, aug_rate=cfg.aug_rate)
+    # several processes: gradients of the learnable parameters averaged (CLIP is frozen; the
+    # reference's layer-0 text prompt never gets one, hence find_unused_parameters)
+    net = DistributedDataParallel(model, find_unused_parameters=True,
+                                  device_ids=[device.index] if device.type == "cuda" else None) \
+        if distributed.active() else model
     new_log = not log_path.is_file()
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "a", newline="") as log_file:
-        writer = csv.DictWriter(log_file, fieldnames=LOG_FIELDS)
-        if new_log:
+    with (open(log_path, "a", newline="") if main else contextlib.nullcontext()) as log_file:
+        writer = csv.DictWriter(log_file, fieldnames=LOG_FIELDS) if main else None
+        if main and new_log:
             writer.writeheader()
         for epoch in range(start_epoch, cfg.epochs):
             # every random draw of this epoch depends only on (seed, epoch): resumable
             seed_everything(cfg.seed + epoch)
             dataset.rng.seed(cfg.seed + epoch)
-            loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.num_workers,
-                                generator=torch.Generator().manual_seed(cfg.seed + epoch))
-            model.train()
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress)
+            loader = _loader(dataset, cfg, epoch)
+            net.train()
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress or not main)
             running = []
             for batch in bar:
                 if max_steps is not None and step >= max_steps:
@@ -148,7 +159,7 @@ def train(model_cfg: Union[AdaCLIPConfig, dict], train_cfg: Union[TrainCfg, dict
                 images, masks = batch["image"].to(device), batch["mask"].to(device)
                 labels, has_mask = batch["label"].to(device), batch["has_mask"].to(device)
                 with autocast(device, cfg.amp):
-                    out = model(images, list(batch["class_name"]), return_layer_maps=True)
+                    out = net(images, list(batch["class_name"]), return_layer_maps=True)
                 # images without pixel ground truth (image-level datasets) add no segmentation loss
                 maps = [m.float()[has_mask] for m in out.layer_maps] if has_mask.any() else []
                 loss, parts = adaclip_loss(out.image_probs.float(), maps, labels, masks[has_mask], cfg.dice)
@@ -156,10 +167,14 @@ def train(model_cfg: Union[AdaCLIPConfig, dict], train_cfg: Union[TrainCfg, dict
                 loss.backward()
                 optimizer.step()
                 step += 1
-                running.append(loss.item())
-                writer.writerow({"epoch": epoch + 1, "step": step, "loss": running[-1], **parts,
-                                 "lr": optimizer.param_groups[0]["lr"]})
-                log_file.flush()
+                logged = [loss.item(), *parts.values()]
+                if distributed.active():                     # the log shows the mean over the ranks
+                    logged = list(distributed.sum_array(np.array(logged)) / distributed.world_size())
+                running.append(logged[0])
+                if main:
+                    writer.writerow({"epoch": epoch + 1, "step": step, "loss": logged[0],
+                                     **dict(zip(parts, logged[1:])), "lr": optimizer.param_groups[0]["lr"]})
+                    log_file.flush()
                 bar.set_postfix(loss=f"{np.mean(running[-20:]):.4f}")
             if cfg.selection in ("val", "test_f1"):
                 result = evaluate(model, val_df if cfg.selection == "val" else test_df,
@@ -170,20 +185,34 @@ def train(model_cfg: Union[AdaCLIPConfig, dict], train_cfg: Union[TrainCfg, dict
                 best.setdefault("scores", {})[str(epoch + 1)] = score
                 if score > best["score"]:
                     best.update(score=score, epoch=epoch + 1)
-            model.save(ckpt_dir / f"epoch_{epoch + 1:03d}.pt", epoch=epoch + 1, step=step)
-            with atomic_path(last) as tmp:
-                torch.save({"epoch": epoch + 1, "step": step, "best": best, "model_config": model_cfg.to_dict(),
-                            "train_config": _jsonable(cfg.to_dict()), "learnable": model.learnable_state_dict(),
-                            "optimizer": optimizer.state_dict()}, tmp)
+            if main:
+                model.save(ckpt_dir / f"epoch_{epoch + 1:03d}.pt", epoch=epoch + 1, step=step)
+                with atomic_path(last) as tmp:
+                    torch.save({"epoch": epoch + 1, "step": step, "best": best, "model_config": model_cfg.to_dict(),
+                                "train_config": _jsonable(cfg.to_dict()), "learnable": model.learnable_state_dict(),
+                                "optimizer": optimizer.state_dict()}, tmp)
+    distributed.barrier()                          # every checkpoint is written before any rank reads one
 
     chosen = cfg.epochs if best["epoch"] is None else best["epoch"]
     if chosen != cfg.epochs:
         load_state(model, read_checkpoint(ckpt_dir / f"epoch_{chosen:03d}.pt", device)["state_dict"], chosen)
-    model.save(run_dir / "model.pt", epoch=chosen, selection=cfg.selection)
-    update_config(run_dir, selected_epoch=chosen, selection=cfg.selection,
-                  selection_score=best["score"] if best["epoch"] else None,
-                  selection_scores=best.get("scores") or None)
+    if main:
+        model.save(run_dir / "model.pt", epoch=chosen, selection=cfg.selection)
+        update_config(run_dir, selected_epoch=chosen, selection=cfg.selection,
+                      selection_score=best["score"] if best["epoch"] else None,
+                      selection_scores=best.get("scores") or None)
+    distributed.barrier()
     return model
+
+
+def _loader(dataset, cfg: TrainCfg, epoch: int) -> DataLoader:
+    """This epoch's batches: shuffled from (seed, epoch); under torchrun each rank a disjoint shard."""
+    if distributed.active():
+        sampler = DistributedSampler(dataset, shuffle=True, seed=cfg.seed)
+        sampler.set_epoch(epoch)
+        return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers)
+    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.num_workers,
+                      generator=torch.Generator().manual_seed(cfg.seed + epoch))
 
 
 def _jsonable(d: dict) -> dict:
