@@ -91,3 +91,19 @@ def test_tiny_sweep_runs_skips_records_failures_and_is_analysed(tmp_path):
     assert "method=clip" in summary and "prompt_type=SD" in summary and "prompt_depth=9" not in summary
     assert {"metrics.csv", "metrics.md", "metrics.tex", "overall.tex", "reproduction.csv"} <= {
         p.name for p in (out / "tables").iterdir()}
+
+
+def test_parallel_and_submitit_sweeps_write_the_same_table_as_a_sequential_one(tmp_path):
+    """--jobs 2 (two worker processes) and submitit's local executor give the sequential sweep.csv."""
+    spec = {"base": {"data_root": "sample", "train_manifests": ["sample/mvtec.csv"], "test_manifests": ["sample/visa.csv"],
+                     "backbone": "adaclip-tiny", "pretrained": None, "image_size": 32, "epochs": 1, "batch_size": 8,
+                     "n_examples": 1, "save_maps": False},
+            "grid": {"method": ["clip", "linear"]}}
+    tables = {name: run_sweep(spec, "s", results_dir=tmp_path / name, **kwargs)
+              for name, kwargs in (("sequential", {}), ("jobs", {"jobs": 2}), ("submitit", {"launcher": "submitit-local"}))}
+    for name, table in tables.items():
+        assert (table.status == "done").all(), (name, table[["config_id", "status", "error"]])
+        on_disk = pd.read_csv(tmp_path / name / "s" / "sweep.csv")
+        reference = pd.read_csv(tmp_path / "sequential" / "s" / "sweep.csv")
+        pd.testing.assert_frame_equal(on_disk, reference, check_exact=False, rtol=1e-6, atol=1e-6, obj=name)
+    assert (tmp_path / "submitit" / "s" / ".submitit").is_dir()

@@ -208,7 +208,8 @@ def _pipeline(args) -> int:
 def _sweep(args) -> int:
     from .sweep import run_sweep
 
-    table = run_sweep(args.file, args.run, force=args.force)
+    slurm = {"partition": args.partition, "time_min": args.time_min, "gpus_per_job": args.gpus_per_job}
+    table = run_sweep(args.file, args.run, force=args.force, jobs=args.jobs, launcher=args.launcher, slurm=slurm)
     status = table.drop_duplicates("config_id").set_index("config_id")["status"]
     print(status.to_string())
     failed = status[status == "failed"]
@@ -331,6 +332,12 @@ def main(argv=None) -> int:
     w.add_argument("file", help="YAML: base, grid and/or configs (e.g. notebooks/params/ablations_tiny.yaml)")
     w.add_argument("--run", required=True, help="results/<run>/<config-id>/ and results/<run>/sweep.csv")
     w.add_argument("--force", action="store_true", help="rerun configurations that already finished")
+    w.add_argument("--jobs", type=int, default=1, help="configurations at once: one per GPU, or N CPU processes")
+    w.add_argument("--launcher", default="processes", choices=["processes", "slurm", "submitit-local"],
+                   help="slurm: one Slurm job per configuration through submitit")
+    w.add_argument("--partition", default=None, help="slurm: partition")
+    w.add_argument("--time-min", type=int, default=240, help="slurm: time limit per job in minutes")
+    w.add_argument("--gpus-per-job", type=int, default=1, help="slurm: GPUs per job")
     w.set_defaults(fn=_sweep)
 
     args = p.parse_args(argv)

@@ -99,9 +99,35 @@ def expand(spec: Union[PathLike, dict]) -> list[SweepConfig]:
     return configs
 
 
-def run_sweep(spec: Union[PathLike, dict], run: str, results_dir: Optional[PathLike] = None,
-              force: bool = False) -> pd.DataFrame:
-    """Run every configuration (notebooks 01 and 02) and write ``sweep.csv``; returns that table."""
+def run_config(run: str, config_id: str, params: dict, results_dir: str, force: bool = False) -> tuple[str, str]:
+    """One configuration (notebooks 01 and 02) in this process: ("done", "") or ("failed", error);
+    the traceback goes to ``<config-id>/error.txt``. What every launcher runs."""
+    error_file = Path(results_dir) / run / config_id / "error.txt"
+    try:
+        run_pipeline(f"{run}/{config_id}", params, notebooks_to_run=SWEEP_NOTEBOOKS, force=force,
+                     results_dir=Path(results_dir), baselines=())
+        error_file.unlink(missing_ok=True)
+        return "done", ""
+    except Exception as e:                 # recorded; the other configurations still run
+        # a notebook's own error (papermill keeps its name and value), else the exception itself
+        message = f"{e.ename}: {e.evalue}" if hasattr(e, "ename") else f"{type(e).__name__}: {e}"
+        error_file.parent.mkdir(parents=True, exist_ok=True)
+        error_file.write_text(traceback.format_exc())
+        return "failed", message[:500]
+
+
+def run_sweep(spec: Union[PathLike, dict], run: str, results_dir: Optional[PathLike] = None, force: bool = False,
+              jobs: int = 1, launcher: str = "processes", slurm: Optional[dict] = None) -> pd.DataFrame:
+    """Run every configuration (notebooks 01 and 02) and write ``sweep.csv``; returns that table.
+
+    ``jobs`` > 1 runs that many configurations at once in separate processes, one GPU each where
+    there are GPUs (CUDA_VISIBLE_DEVICES), else an equal share of the CPU threads. ``launcher``
+    "slurm" submits each configuration as a Slurm job through submitit (``slurm``: partition,
+    time_min, gpus_per_job); "submitit-local" uses submitit's local executor (same code path, no
+    cluster). Every launcher writes the same folders and the same ``sweep.csv``.
+    """
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"launcher must be one of {LAUNCHERS}, got {launcher!r}")
     configs = expand(spec)
     results_dir = Path(results_dir or results_root()).resolve()
     # every configuration planned (and every parameter name checked) before anything runs
@@ -109,27 +135,90 @@ def run_sweep(spec: Union[PathLike, dict], run: str, results_dir: Optional[PathL
              for c in configs}
     sweep_dir = results_dir / run
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    status = {}
-    for i, c in enumerate(configs):
-        name = f"{run}/{c.id}"
-        done = all(finished(out, given) for _, out, given in plans[c.id])
-        print(f"[sweep] {i + 1}/{len(configs)} {c.id}: {'already done, skipped' if done and not force else 'running'}")
-        error_file = sweep_dir / c.id / "error.txt"
-        try:
-            run_pipeline(name, c.params, notebooks_to_run=SWEEP_NOTEBOOKS, force=force, results_dir=results_dir,
-                         baselines=())
-            status[c.id] = ("skipped" if done and not force else "done", "")
-            error_file.unlink(missing_ok=True)
-        except Exception as e:                 # recorded; the other configurations still run
-            # a notebook's own error (papermill keeps its name and value), else the exception itself
-            message = f"{e.ename}: {e.evalue}" if hasattr(e, "ename") else f"{type(e).__name__}: {e}"
-            error_file.parent.mkdir(parents=True, exist_ok=True)
-            error_file.write_text(traceback.format_exc())
-            status[c.id] = ("failed", message[:500])
-            print(f"[sweep] {c.id} failed: {status[c.id][1]} (details in {error_file})")
+    status, todo = {}, []
+    for c in configs:
+        if not force and all(finished(out, given) for _, out, given in plans[c.id]):
+            status[c.id] = ("skipped", "")
+            print(f"[sweep] {c.id}: already done, skipped")
+        else:
+            todo.append(c)
+    if launcher != "processes":
+        status.update(_submitit(todo, run, results_dir, force, launcher, slurm or {}))
+    elif jobs > 1:
+        status.update(_parallel(todo, run, results_dir, force, jobs))
+    else:
+        for i, c in enumerate(todo):
+            print(f"[sweep] {i + 1}/{len(todo)} {c.id}: running")
+            status[c.id] = run_config(run, c.id, c.params, str(results_dir), force)
+    for c in todo:
+        if status[c.id][0] == "failed":
+            print(f"[sweep] {c.id} failed: {status[c.id][1]} (details in {sweep_dir / c.id / 'error.txt'})")
     table = sweep_table(sweep_dir, configs, status)
     write_csv(sweep_dir / "sweep.csv", table)
     return table
+
+
+LAUNCHERS = ("processes", "slurm", "submitit-local")
+
+
+def _parallel(todo: list[SweepConfig], run: str, results_dir: Path, force: bool, jobs: int) -> dict:
+    """``jobs`` configurations at a time, each in its own process (``python -m adaclip.sweep``)."""
+    import os
+    import queue
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    gpus = torch.cuda.device_count()
+    slots: queue.Queue = queue.Queue()
+    for k in range(jobs):
+        slots.put(k % gpus if gpus else None)
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+
+    def one(c: SweepConfig) -> tuple[str, str]:
+        slot = slots.get()
+        env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": str(slot)} if slot is not None else
+                                {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})}
+        print(f"[sweep] {c.id}: running" + (f" on GPU {slot}" if slot is not None else f" ({threads} threads)"))
+        try:
+            job = json.dumps({"run": run, "config_id": c.id, "params": c.params, "results_dir": str(results_dir),
+                              "force": force})
+            done = subprocess.run([sys.executable, "-m", "adaclip.sweep", job], env=env, capture_output=True, text=True)
+            lines = done.stdout.strip().splitlines()
+            if done.returncode == 0 and lines:
+                return tuple(json.loads(lines[-1]))
+            return "failed", (done.stderr.strip().splitlines() or ["the worker process died"])[-1][:500]
+        finally:
+            slots.put(slot)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return dict(zip([c.id for c in todo], pool.map(one, todo)))
+
+
+def _submitit(todo: list[SweepConfig], run: str, results_dir: Path, force: bool, launcher: str, slurm: dict) -> dict:
+    """One submitit job per configuration (Slurm, or submitit's local executor); waits for them all."""
+    try:
+        import submitit
+    except ImportError as e:
+        raise ImportError("the Slurm launcher needs submitit: pip install -e '.[cluster]' (make test installs it)") from e
+    folder = results_dir / run / ".submitit"
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm" if launcher == "slurm" else "local")
+    options = {"timeout_min": int(slurm.get("time_min", 240)), "name": f"adaclip-{run}"}
+    if launcher == "slurm":
+        options.update(slurm_partition=slurm.get("partition"), gpus_per_node=int(slurm.get("gpus_per_job", 1)),
+                       tasks_per_node=1)
+    executor.update_parameters(**{k: v for k, v in options.items() if v is not None})
+    submitted = {c.id: executor.submit(run_config, run, c.id, c.params, str(results_dir), force) for c in todo}
+    print(f"[sweep] submitted {len(submitted)} job(s) through submitit ({launcher}); logs in {folder}")
+    status = {}
+    for config_id, job in submitted.items():
+        try:
+            status[config_id] = tuple(job.result())
+        except Exception as e:             # the job itself died (node failure, time limit, ...)
+            status[config_id] = ("failed", f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:400]}")
+    return status
 
 
 def sweep_table(sweep_dir: PathLike, configs: list[SweepConfig], status: Optional[dict] = None) -> pd.DataFrame:
@@ -163,3 +252,10 @@ def dataset_level(table: pd.DataFrame) -> pd.DataFrame:
 
     rows = table.dropna(subset=["dataset"]) if "dataset" in table else table.iloc[:0]
     return dataset_rows(rows.rename(columns={"config_id": "run"})).rename(columns={"run": "config_id"})
+
+
+if __name__ == "__main__":                 # one configuration in a worker process (run_sweep's jobs > 1)
+    import sys
+
+    job = json.loads(sys.argv[1])
+    print(json.dumps(run_config(job["run"], job["config_id"], job["params"], job["results_dir"], job["force"])))
