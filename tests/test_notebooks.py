@@ -16,7 +16,7 @@ NOTEBOOKS = notebooks()
 
 def test_numbered_notebooks_exist():
     assert [p.name for p in NOTEBOOKS] == ["00_data_prep.ipynb", "01_prompt_training.ipynb", "02_evaluation.ipynb",
-                                           "03_analysis.ipynb"]
+                                           "03_analysis.ipynb", "04_explore.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -48,7 +48,8 @@ def test_pipeline_runs_headless(tmp_path, capfd):
     assert json.loads((run / "baselines/clip/config.json").read_text())["model"]["method"] == "clip"
     figures = {p.name for p in (run / "figures").iterdir()}
     assert {"00_samples.png", "01_loss.png", "02_metrics.png", "02_maps.png", "03_scores_adaclip.png",
-            "03_scores_clip.pdf", "03_curves_visa.png", "03_qualitative.png"} <= figures
+            "03_scores_clip.pdf", "03_curves_visa.png", "03_qualitative.png", "04_explore.png",
+            "04_explore_layers.png", "04_explore_smoothing.png", "04_explore_hsf.pdf"} <= figures
     summary = (run / "summary.md").read_text()
     assert "I-AUROC adaclip" in summary and "I-AUROC clip" in summary and "random backbone weights" in summary
     assert "](figures/03_curves_visa.png)" in summary and "open_clip_torch" in summary

@@ -8,7 +8,7 @@
     adaclip download mvtec --root data --url URL    the same from another link (--sha256 HASH to check it)
     adaclip train --train sample/mvtec.csv --root sample --run r --backbone adaclip-tiny --pretrained none --image-size 64
     adaclip evaluate --checkpoint results/r/model.pt --test sample/visa.csv --root sample --run r
-    adaclip pipeline --run default                  run notebooks 00-03 with papermill (+ the clip baseline)
+    adaclip pipeline --run default                  run notebooks 00-04 with papermill (+ the clip baseline)
     adaclip sweep notebooks/params/ablations_tiny.yaml --run tiny   notebooks 01-02 per configuration, sweep.csv
     adaclip predict imgs/ --checkpoint results/r/model.pt --class-name bottle --out preds [--masks]
     adaclip export --checkpoint results/r/model.pt --class-name bottle --out bottle.onnx

@@ -11,6 +11,7 @@ maximum; both sums are halved (and the distance clipped to [0, 1]) so scores sta
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence
 
 import pandas as pd
@@ -67,7 +68,7 @@ class FewShotMemory:
         few = self.distance_map(out.patch_tokens, keys)
         pixel = (out.pixel_scores + few) / 2
         score = (out.image_scores + few.flatten(1).max(dim=1).values) / 2
-        return type(out)(score, pixel, out.image_probs, out.layer_maps, out.patch_tokens)
+        return dataclasses.replace(out, image_scores=score, pixel_scores=pixel)
 
 
 def draw_references(pool: pd.DataFrame, test: pd.DataFrame, k: int, seed: int = 0) -> dict[tuple, pd.DataFrame]:

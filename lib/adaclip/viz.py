@@ -255,6 +255,78 @@ def loss_curves(logs: dict, title: str = "") -> Figure:
     return fig
 
 
+def explorer_view(found, threshold: float, mask: Optional[np.ndarray] = None, title: str = "") -> Figure:
+    """One image (an `explore.Inspection`): image, anomaly-map overlay, mask at ``threshold``, ground
+    truth; the image score and the decision at ``threshold`` in the title."""
+    decision = "anomalous" if found.score >= threshold else "normal"
+    with plt.rc_context(PAPER_STYLE):
+        fig, axes = plt.subplots(1, 4, figsize=(PAGE, 2.2))
+        overlay(axes[0], found.image, title="image")
+        axes[1].imshow(found.image)
+        heat = axes[1].imshow(found.anomaly_map, cmap="jet", alpha=0.5, vmin=0, vmax=1)
+        axes[1].set_title("anomaly map")
+        axes[1].axis("off")
+        axes[2].imshow(found.anomaly_map >= threshold, cmap="gray", vmin=0, vmax=1)
+        axes[2].set_title(f"map >= {threshold:.2f}")
+        if mask is not None:
+            axes[3].imshow(mask, cmap="gray", vmin=0, vmax=1)
+        else:
+            axes[3].text(0.5, 0.5, "no ground truth", ha="center", va="center", color="grey")
+        axes[3].set_title("ground truth")
+        for ax in axes[2:]:                                  # framed: white masks on a white page
+            ax.set_xticks([])
+            ax.set_yticks([])
+        fig.colorbar(heat, ax=axes, fraction=0.02, pad=0.01, label="anomaly score")
+        fig.suptitle(f"'{found.class_name}': image score {found.score:.3f} -> {decision} at {threshold:.2f}"
+                     + (f"\n{title}" if title else ""), fontsize=8, color="darkred" if decision == "anomalous" else "black")
+    return fig
+
+
+def layer_maps_figure(found) -> Figure:
+    """Each output layer's P(abnormal) map before the layers are averaged, on a shared colour bar."""
+    n = len(found.layer_maps)
+    with plt.rc_context(PAPER_STYLE):
+        fig, axes = plt.subplots(1, n, figsize=(min(PAGE, 1.7 * n + 0.6), 1.9), squeeze=False)
+        for ax, layer, m in zip(axes[0], found.out_layers, found.layer_maps):
+            heat = ax.imshow(m, cmap="jet", vmin=0, vmax=1)
+            ax.set_title(f"layer {layer}")
+            ax.axis("off")
+        fig.colorbar(heat, ax=axes, fraction=0.02, pad=0.01, label="P(abnormal)")
+        fig.suptitle("per-layer maps (then their logits are averaged)", fontsize=8)
+    return fig
+
+
+def smoothing_figure(found) -> Figure:
+    """The averaged map before and after the Gaussian smoothing (sigma 4, as the reference)."""
+    with plt.rc_context(PAPER_STYLE):
+        fig, axes = plt.subplots(1, 2, figsize=(COLUMN, 1.9))
+        for ax, m, name in zip(axes, (found.raw_map, found.anomaly_map), ("before smoothing", "after smoothing")):
+            heat = ax.imshow(m, cmap="jet", vmin=0, vmax=1)
+            ax.set_title(name)
+            ax.axis("off")
+        fig.colorbar(heat, ax=axes, fraction=0.04, pad=0.02, label="anomaly score")
+    return fig
+
+
+def hsf_figure(found) -> Figure:
+    """The patches HSF clustered (the most anomalous 5·k), outlined in their cluster's colour."""
+    from matplotlib.patches import Rectangle
+
+    h, w = found.image.shape[:2]
+    ph, pw = h / found.grid, w / found.grid
+    k = int(found.hsf_clusters.max()) + 1
+    colours = plt.get_cmap("tab20", max(k, 1))
+    with plt.rc_context(PAPER_STYLE):
+        fig, ax = plt.subplots(figsize=(COLUMN * 0.8, COLUMN * 0.8 * h / w))
+        ax.imshow(found.image)
+        for index, cluster in zip(found.hsf_patches, found.hsf_clusters):
+            r, c = divmod(int(index), found.grid)
+            ax.add_patch(Rectangle((c * pw, r * ph), pw, ph, fill=False, lw=1.2, edgecolor=colours(int(cluster))))
+        ax.set_title(f"HSF: {len(found.hsf_patches)} patches, {k} clusters")
+        ax.axis("off")
+    return fig
+
+
 def _title(fig: Figure, title: str) -> None:
     if title:
         fig.suptitle(title, fontsize=8, color="darkred")

@@ -36,6 +36,7 @@ class AdaCLIPOutput:
     image_probs: torch.Tensor                        # (B, 2) [normal, abnormal], for the loss
     layer_maps: Optional[list[torch.Tensor]] = None  # per output layer (B, 2, S, S) softmax, for the loss
     patch_tokens: Optional[list[torch.Tensor]] = None  # per output layer (B, N, W), the maps' own pass (few-shot)
+    details: Optional[dict] = None   # return_details: layer_logits, raw_pixel_scores, hsf_patches, hsf_clusters
 
 
 class AdaCLIP(nn.Module):
@@ -185,7 +186,7 @@ class AdaCLIP(nn.Module):
 
     def forward(self, images: torch.Tensor, class_names: Union[str, Sequence[str]],
                 return_layer_maps: bool = False, return_tokens: bool = False,
-                text_features: Optional[torch.Tensor] = None) -> AdaCLIPOutput:
+                text_features: Optional[torch.Tensor] = None, return_details: bool = False) -> AdaCLIPOutput:
         """images: (B, 3, S, S) from `transform`; class_names: one per image (or one for all).
         ``text_features`` (B, D, 2): precomputed ones, valid only where no dynamic text prompt makes
         them depend on the image (an exported graph keeps them as constants)."""
@@ -221,18 +222,25 @@ class AdaCLIP(nn.Module):
             logits = [100.0 * torch.einsum("bnd,bdc->bnc", P, text) for P in patch]         # (B, N, 2) each
             # 7. hybrid semantic fusion
             fc = self.cfg.fusion
+            details = {"layer_logits": logits} if return_details else None
             if fc.use_hsf:
-                h = hybrid_semantic_fusion(patch, logits, fc.k_clusters, fc.seed, fc.kmeans)
+                h, chosen, clusters = hybrid_semantic_fusion(patch, logits, fc.k_clusters, fc.seed, fc.kmeans,
+                                                             return_clusters=True)
                 image_feature = F.normalize(fc.alpha * h + (1 - fc.alpha) * image_feature, dim=-1)
+                if details is not None:
+                    details.update(hsf_patches=chosen, hsf_clusters=clusters)
             # 8. image score
             image_probs = torch.softmax(100.0 * torch.einsum("bd,bdc->bc", image_feature, text), dim=-1)
             # 9. pixel maps
             maps = [self._upsample(m) for m in logits]                                      # (B, 2, S, S) each
             agg = torch.softmax(torch.stack(maps).mean(0), dim=1)
             pixel = (agg[:, 1] + 1 - agg[:, 0]) / 2                                         # (B, S, S)
+            if details is not None:
+                details["raw_pixel_scores"] = pixel
             pixel = gaussian_blur(pixel, fc.smoothing_sigma)
             layer_maps = [torch.softmax(m, dim=1) for m in maps] if return_layer_maps else None
-        return AdaCLIPOutput(image_probs[:, 1], pixel, image_probs, layer_maps, tokens if return_tokens else None)
+        return AdaCLIPOutput(image_probs[:, 1], pixel, image_probs, layer_maps, tokens if return_tokens else None,
+                             details)
 
     def _upsample(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, N, 2) -> (B, 2, S, S), bilinear with align_corners=True (reference)."""

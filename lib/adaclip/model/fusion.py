@@ -70,11 +70,12 @@ def _sklearn_kmeans(x: torch.Tensor, n_clusters: int, seed) -> torch.Tensor:
 
 
 def hybrid_semantic_fusion(patch_features: list[torch.Tensor], layer_logits: list[torch.Tensor],
-                           k_clusters: int, seed: int = 0, method: str = "torch") -> torch.Tensor:
+                           k_clusters: int, seed: int = 0, method: str = "torch", return_clusters: bool = False):
     """patch_features: per layer (B, N, D), L2-normalised; layer_logits: per layer (B, N, 2).
 
     Returns the fused feature h (B, D), L2-normalised: the mean over clusters of each cluster's mean
     token over all layers, for k-means on the top 5·k patches (layers concatenated along channels).
+    ``return_clusters``: also the chosen patches (B, K) and their cluster labels (B, K).
     """
     prob = torch.softmax(torch.stack(layer_logits, 1).mean(1), dim=-1)[..., 1]   # (B, N)
     K = min(prob.shape[1], 5 * k_clusters)
@@ -93,7 +94,8 @@ def hybrid_semantic_fusion(patch_features: list[torch.Tensor], layer_logits: lis
     centres = (onehot.transpose(1, 2) @ mean_tokens) / counts.clamp_min(1)[..., None]  # (B, k, D)
     present = (counts > 0).to(centres.dtype)
     h = (centres * present[..., None]).sum(1) / present.sum(1, keepdim=True)      # mean over clusters
-    return F.normalize(h, dim=-1)
+    h = F.normalize(h, dim=-1)
+    return (h, top, labels) if return_clusters else h
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:

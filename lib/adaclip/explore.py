@@ -1,0 +1,222 @@
+"""The interactive explorer behind notebooks/04_explore.ipynb: any image, any class name, live map.
+
+`inspect` runs the model once for an image and a class name and keeps everything the explorer draws
+(score, map, the four layers' maps, the map before smoothing, HSF's patches and clusters);
+`Explorer` puts ipywidgets around it (manifest filters or an upload, a class-name box, a threshold
+slider, a save button) and caches `inspect` per image and class name, so that moving the slider
+redraws without rerunning the model. Every callback is a plain method, testable without a browser.
+
+>>> explorer = Explorer(model, manifest, root, figures_dir="results/default/figures")
+>>> explorer.widget()                      # in JupyterLab
+>>> explorer.figure()                      # headless: the current view as a matplotlib Figure
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from . import viz
+from .data import load_pair
+
+PathLike = Union[str, Path]
+ALL = "(all)"
+
+
+@dataclass
+class Inspection:
+    """One image through the model for one class name; maps at the image's own size, in [0, 1]."""
+    image: np.ndarray                  # (H, W, 3) uint8
+    class_name: str
+    score: float                       # image score, P(abnormal)
+    anomaly_map: np.ndarray            # (H, W), smoothed: what evaluation scores
+    raw_map: np.ndarray                # (H, W), before the Gaussian smoothing
+    layer_maps: list                   # per output layer (H, W): that layer's P(abnormal)
+    out_layers: tuple                  # which layers (1-based)
+    grid: int                          # patches per side
+    hsf_patches: Optional[np.ndarray]  # (K,) patch indices HSF clustered (None without HSF)
+    hsf_clusters: Optional[np.ndarray]  # (K,) their k-means labels
+
+
+def _resize(m: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """(S, S) -> (H, W) bilinear, as the predictor resizes maps."""
+    return F.interpolate(m[None, None].float(), size=size, mode="bilinear", align_corners=False)[0, 0].clamp(0, 1).numpy()
+
+
+@torch.no_grad()
+def inspect(model, image: Image.Image, class_name: str) -> Inspection:
+    """Run ``model`` on one PIL image with ``class_name`` and keep every intermediate result."""
+    model.eval()
+    rgb = image.convert("RGB")
+    x = model.transform(rgb)[None].to(model.device)
+    out = model(x, [class_name], return_layer_maps=True, return_details=True)
+    size = (rgb.height, rgb.width)
+    d = out.details
+    return Inspection(
+        image=np.asarray(rgb), class_name=class_name, score=float(out.image_scores[0]),
+        anomaly_map=_resize(out.pixel_scores[0].cpu(), size), raw_map=_resize(d["raw_pixel_scores"][0].cpu(), size),
+        layer_maps=[_resize(m[0, 1].cpu(), size) for m in out.layer_maps], out_layers=tuple(model.out_layers),
+        grid=model.image_size // model.patch_size,
+        hsf_patches=d["hsf_patches"][0].cpu().numpy() if "hsf_patches" in d else None,
+        hsf_clusters=d["hsf_clusters"][0].cpu().numpy() if "hsf_clusters" in d else None)
+
+
+class Explorer:
+    """Widgets around `inspect`. ``manifest``: rows to pick from (paths relative to ``root``)."""
+
+    def __init__(self, model, manifest: pd.DataFrame, root: PathLike, figures_dir: PathLike = "figures",
+                 threshold: float = 0.5, title: str = ""):
+        import ipywidgets as w
+
+        self.model, self.root, self.figures_dir, self.title = model, Path(root), Path(figures_dir), title
+        self.df = manifest.reset_index(drop=True)
+        self.cache: dict = {}                  # (image key, class name) -> Inspection
+        self.model_calls = 0
+        self.uploads: dict = {}                # name -> PIL image
+        opts = lambda col: [ALL, *sorted(self.df[col].astype(str).unique())]  # noqa: E731
+        self.dataset = w.Dropdown(options=opts("dataset"), description="dataset")
+        self.category = w.Dropdown(options=opts("category"), description="category")
+        self.label = w.Dropdown(options=[ALL, "normal", "anomalous"], description="label")
+        self.image = w.Dropdown(description="image", layout=w.Layout(width="60%"))
+        self.upload = w.FileUpload(accept="image/*", multiple=False, description="upload")
+        self.class_name = w.Text(description="class name", continuous_update=False)
+        self.threshold = w.FloatSlider(value=threshold, min=0.0, max=1.0, step=0.01, description="threshold",
+                                       continuous_update=False)
+        self.save_button = w.Button(description="save figure", icon="save")
+        self.output, self.steps_output, self.status = w.Output(), w.Output(), w.HTML()
+        self.steps = w.Accordion(children=[self.steps_output], selected_index=None)
+        self.steps.set_title(0, "step through the method")
+        for f in (self.dataset, self.category, self.label):
+            f.observe(lambda _: self.on_filter(), names="value")
+        self.image.observe(lambda _: self.on_image(), names="value")
+        self.class_name.observe(lambda _: self.refresh(), names="value")
+        self.threshold.observe(lambda _: self.refresh(), names="value")
+        self.upload.observe(lambda change: self.on_upload(change["new"]), names="value")
+        self.save_button.on_click(lambda _: self.save())
+        self.steps.observe(lambda _: self.refresh(), names="selected_index")
+        self.on_filter()
+
+    # ---------------------------------------------------------------- callbacks
+    def filtered(self) -> pd.DataFrame:
+        df = self.df
+        if self.dataset.value != ALL:
+            df = df[df.dataset.astype(str) == self.dataset.value]
+        if self.category.value != ALL:
+            df = df[df.category.astype(str) == self.category.value]
+        if self.label.value != ALL:
+            df = df[df.label == (1 if self.label.value == "anomalous" else 0)]
+        return df
+
+    def on_filter(self) -> None:
+        """New filter values: the image list shows the matching rows (and the uploads)."""
+        rows = self.filtered()
+        options = [(f"upload: {name}", f"upload:{name}") for name in self.uploads]
+        options += [(f"{r.dataset}/{r.category}: {r.image}" + (" (anomalous)" if r.label else ""), f"row:{i}")
+                    for i, r in rows.iterrows()]
+        self.image.options = options
+        if options and self.image.value not in [v for _, v in options]:
+            self.image.value = options[0][1]
+
+    def on_image(self) -> None:
+        """A new image: its category fills the class-name box (any free text works there)."""
+        key = self.image.value
+        if key and key.startswith("row:"):
+            self.class_name.value = str(self.df.at[int(key[4:]), "category"])
+        self.refresh()
+
+    def on_upload(self, value) -> None:
+        """An uploaded file joins the image list and is selected."""
+        files = value if isinstance(value, (list, tuple)) else list(value.values())
+        for f in files:
+            name = f["name"] if isinstance(f, dict) else f.name
+            content = f["content"] if isinstance(f, dict) else f.content
+            self.uploads[name] = Image.open(io.BytesIO(bytes(content))).convert("RGB")
+            self.on_filter()
+            self.image.value = f"upload:{name}"
+
+    # ---------------------------------------------------------------- model, cached
+    def current(self) -> tuple[Optional[Inspection], Optional[np.ndarray]]:
+        """The inspection of the selected image with the typed class name (cached), and its mask."""
+        key, name = self.image.value, self.class_name.value.strip()
+        if not key or not name:
+            return None, None
+        mask = None
+        if (key, name) not in self.cache:
+            image = self._image(key)
+            self.model_calls += 1
+            self.cache[(key, name)] = inspect(self.model, image, name)
+        if key.startswith("row:"):
+            row = self.df.loc[int(key[4:])]
+            if row["mask"]:
+                mask = load_pair(self.root, row["image"], row["mask"], row.get("crop", ""))[1]
+        return self.cache[(key, name)], mask
+
+    def _image(self, key: str) -> Image.Image:
+        if key.startswith("upload:"):
+            return self.uploads[key[7:]]
+        row = self.df.loc[int(key[4:])]
+        return load_pair(self.root, row["image"], row["mask"], row.get("crop", ""))[0]
+
+    # ---------------------------------------------------------------- drawing
+    def figure(self):
+        """The current view: image, map overlay, mask at the threshold, ground truth, score and decision."""
+        found, mask = self.current()
+        if found is None:
+            return None
+        return viz.explorer_view(found, self.threshold.value, mask, title=self.title)
+
+    def step_figures(self) -> dict:
+        """The intermediate results of the current image: layer maps, smoothing, HSF's clusters."""
+        found, _ = self.current()
+        if found is None:
+            return {}
+        figures = {"layers": viz.layer_maps_figure(found), "smoothing": viz.smoothing_figure(found)}
+        if found.hsf_patches is not None:
+            figures["hsf"] = viz.hsf_figure(found)
+        return figures
+
+    def refresh(self) -> None:
+        """Redraw into the widgets' output areas (the model runs only for a new image or class name)."""
+        import matplotlib.pyplot as plt
+        from IPython.display import display
+
+        calls = self.model_calls
+        fig = self.figure()
+        with self.output:
+            self.output.clear_output(wait=True)
+            if fig is not None:
+                display(fig)
+                plt.close(fig)
+        if self.steps.selected_index == 0:
+            with self.steps_output:
+                self.steps_output.clear_output(wait=True)
+                for f in self.step_figures().values():
+                    display(f)
+                    plt.close(f)
+        self.status.value = ("model run" if self.model_calls > calls else "from cache") if fig is not None else ""
+
+    def save(self) -> Optional[Path]:
+        """Save the current view (PNG and PDF) under ``figures_dir``; returns the PNG path."""
+        fig = self.figure()
+        if fig is None:
+            return None
+        key = self.image.value.split(":", 1)[1]
+        name = Path(self.df.at[int(key), "image"]).stem if self.image.value.startswith("row:") else Path(key).stem
+        path = viz.save(fig, self.figures_dir / f"04_explore_{name}_{self.class_name.value.strip().replace(' ', '_')}.png")
+        self.status.value = f"saved {path}"
+        return path
+
+    def widget(self):
+        import ipywidgets as w
+
+        self.refresh()
+        return w.VBox([w.HBox([self.dataset, self.category, self.label]), w.HBox([self.image, self.upload]),
+                       w.HBox([self.class_name, self.threshold, self.save_button, self.status]),
+                       self.output, self.steps])

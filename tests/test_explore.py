@@ -1,0 +1,81 @@
+"""The explorer's callbacks and intermediate-result figures, as plain functions (no browser)."""
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from adaclip import AdaCLIP, AdaCLIPConfig, FusionCfg
+from adaclip.data import build_manifest
+from adaclip.data.registry import resolve_root
+from adaclip.explore import Explorer, inspect
+from adaclip.model.fusion import gaussian_blur
+
+ROOT = resolve_root("sample")
+
+
+def _model(**fusion):
+    torch.manual_seed(0)
+    cfg = AdaCLIPConfig.tiny()
+    if fusion:
+        cfg.fusion = FusionCfg(k_clusters=3, **fusion)
+    return AdaCLIP.from_config(cfg).eval()
+
+
+def test_inspect_keeps_every_intermediate_result():
+    model = _model()
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    found = inspect(model, image, "bottle")
+    with torch.no_grad():
+        out = model(model.transform(image)[None], ["bottle"], return_layer_maps=True)
+    assert found.score == pytest.approx(float(out.image_scores[0]), abs=1e-6)
+    np.testing.assert_allclose(found.anomaly_map, out.pixel_scores[0].numpy(), atol=1e-6)   # same size: no resize
+    # the smoothed map is the raw map through the Gaussian filter
+    np.testing.assert_allclose(found.anomaly_map, gaussian_blur(torch.from_numpy(found.raw_map)[None], 4.0)[0].numpy(),
+                               atol=1e-5)
+    assert len(found.layer_maps) == 4 and found.out_layers == (1, 2, 3, 4)
+    np.testing.assert_allclose(found.layer_maps[2], out.layer_maps[2][0, 1].numpy(), atol=1e-6)
+    assert found.grid == 4 and len(found.hsf_patches) == 15 and set(found.hsf_clusters) <= {0, 1, 2}
+    assert len(set(found.hsf_patches.tolist())) == 15                        # the top 5·k distinct patches
+    assert inspect(_model(use_hsf=False), image, "bottle").hsf_patches is None
+    big = inspect(model, image.resize((50, 40)), "bottle")
+    assert big.anomaly_map.shape == big.raw_map.shape == big.layer_maps[0].shape == (40, 50)
+
+
+def test_explorer_callbacks(tmp_path):
+    df = build_manifest("visa", ROOT)
+    explorer = Explorer(_model(), df, ROOT, figures_dir=tmp_path)
+    assert len(explorer.image.options) == len(df) and explorer.class_name.value in {"capsules", "macaroni1"}
+    explorer.category.value = "macaroni1"
+    explorer.label.value = "anomalous"
+    assert len(explorer.image.options) == 5 and all("macaroni1" in label for label, _ in explorer.image.options)
+    assert explorer.class_name.value == "macaroni1"                           # the image's category fills the box
+    calls = explorer.model_calls                     # each new image ran the model once (and drew it)
+    assert explorer.figure() is not None and explorer.model_calls == calls
+    explorer.threshold.value = 0.2                                            # slider: redraw from the cache
+    assert explorer.model_calls == calls and explorer.status.value == "from cache"
+    explorer.class_name.value = "pasta with a crack"                          # free text: one new model run
+    assert explorer.model_calls == calls + 1 and explorer.status.value == "model run"
+    explorer.class_name.value = "macaroni1"
+    assert explorer.model_calls == calls + 1                                  # back to a cached pair
+    figures = explorer.step_figures()
+    assert set(figures) == {"layers", "smoothing", "hsf"}
+    assert [ax.get_title() for ax in figures["layers"].axes[:4]] == [f"layer {k}" for k in (1, 2, 3, 4)]
+    path = explorer.save()
+    assert path.parent == tmp_path and path.is_file() and path.with_suffix(".pdf").is_file()
+    assert explorer.status.value.startswith("saved")
+
+
+def test_upload_joins_the_list(tmp_path):
+    explorer = Explorer(_model(), build_manifest("kvasir", ROOT), ROOT, figures_dir=tmp_path)
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(buf, format="PNG")
+    explorer.on_upload([{"name": "mine.png", "content": buf.getvalue()}])
+    assert explorer.image.value == "upload:mine.png" and explorer.image.options[0][1] == "upload:mine.png"
+    explorer.class_name.value = "tomato"
+    found, mask = explorer.current()
+    assert found.image.shape == (30, 40, 3) and mask is None
+    view = explorer.figure()
+    assert "'tomato'" in view.texts[0].get_text() and view.axes[3].texts[0].get_text() == "no ground truth"
+    assert explorer.save().name == "04_explore_mine_tomato.png"
