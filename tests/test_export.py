@@ -37,7 +37,7 @@ def test_cli_export_with_hsf_and_dynamic_text_matches_pytorch(tmp_path, capsys):
     assert meta["class_name"] == "bottle" and meta["image_size"] == "32" and meta["batch_size"] == "2"
     assert "exactly" in meta["hsf"] and "computed in the graph" in meta["text"] and meta["backbone_weights"] == "random"
     proto = onnx.load(str(out))
-    assert (49408, 32) in [tuple(t.dims) for t in proto.graph.initializer]               # the text tower is in
+    assert (128, 32) in [tuple(t.dims) for t in proto.graph.initializer]    # the text blocks' MLP is in the graph
     assert sum(n.op_type == "ArgMin" for n in proto.graph.node) == 100                   # every Lloyd step
     assert json.loads(meta["config"])["fusion"]["use_hsf"] is True
     for seed in (1, 2):                                    # inputs other than the one traced
@@ -61,9 +61,9 @@ def test_static_text_is_precomputed(tmp_path):
     path = export_onnx(model, "screw", tmp_path / "screw.onnx")
     proto = onnx.load(str(path))
     assert "HSF off" in {p.key: p.value for p in proto.metadata_props}["hsf"]
-    # the text tower would bring its token-embedding table (vocabulary x width) into the file
+    # the text tower would bring its blocks (the MLP's 32 -> 128 weight) into the file
     shapes = [tuple(t.dims) for t in proto.graph.initializer]
-    assert (49408, 32) not in shapes and "precomputed" in {p.key: p.value for p in proto.metadata_props}["text"]
+    assert (128, 32) not in shapes and "precomputed" in {p.key: p.value for p in proto.metadata_props}["text"]
     diffs = compare_with_torch(path, model, images)
     assert diffs["image_scores"] < 1e-4 and diffs["anomaly_maps"] < 1e-4
 

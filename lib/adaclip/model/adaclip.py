@@ -24,6 +24,7 @@ from ..transforms import build_transform
 from . import checkpoint
 from .backbone import build_clip, default_out_layers, encode_image, encode_text, patch_size
 from .fusion import gaussian_blur, hybrid_semantic_fusion
+from . import text_packing
 from .prompts import HybridPrompts
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,8 @@ class AdaCLIP(nn.Module):
         self._n_normal = len(NORMAL_STATES) * len(TEMPLATES)  # sentences 0..n-1 normal, the rest abnormal
         self._tokens: dict[str, torch.Tensor] = {}       # class name -> (S, T) token ids
         self._lengths: dict[str, int] = {}               # class name -> tokens up to its last EOT
+        self._packed: dict[tuple, tuple] = {}            # (class name, L, ...) -> layer-0 output, packing
+        self._packable = text_packing.supported(self.clip)
         self._frozen_text: dict[tuple, torch.Tensor] = {}  # text features of an unprompted text tower
         self.random_weights = cfg.backbone.pretrained is None
 
@@ -132,13 +135,34 @@ class AdaCLIP(nn.Module):
         return self._tokens[name]
 
     def _encode_states(self, names: Sequence[str], layer_prompts) -> torch.Tensor:
-        tokens = torch.stack([self._tokens_for(c) for c in names]).to(self.device)   # (G, S, T)
-        length = max(self._lengths[c] for c in names)
-        feats = F.normalize(encode_text(self.clip, tokens, layer_prompts, length=length), dim=-1)  # (G, S, D)
+        if layer_prompts is not None and len(layer_prompts) > 1 and self._packable and not self.device.type == "meta":
+            feats = F.normalize(self._encode_packed(names, layer_prompts), dim=-1)    # (G, S, D)
+        else:
+            tokens = torch.stack([self._tokens_for(c) for c in names]).to(self.device)   # (G, S, T)
+            length = max(self._lengths[c] for c in names)
+            feats = F.normalize(encode_text(self.clip, tokens, layer_prompts, length=length), dim=-1)
         n = self._n_normal
         normal = F.normalize(feats[:, :n].mean(1), dim=-1)
         abnormal = F.normalize(feats[:, n:].mean(1), dim=-1)
         return torch.stack([normal, abnormal], dim=-1)                              # (G, D, 2)
+
+    def _encode_packed(self, names: Sequence[str], layer_prompts) -> torch.Tensor:
+        """The prompted text pass without repeated work (text_packing.py), per distinct class name."""
+        G, L = len(names), layer_prompts[0].shape[1]
+        out = [None] * G
+        for name in dict.fromkeys(names):
+            where = [g for g, c in enumerate(names) if c == name]
+            key = (name, L, self.device, self.clip.logit_scale.dtype)
+            if key not in self._packed:
+                tokens = self._tokens_for(name)
+                self._packed[key] = (text_packing.layer0(self.clip, tokens.to(self.device)),
+                                     text_packing.Packing.build(tokens, L))
+            first, packing = self._packed[key]
+            prompts = [p[where] if p.shape[0] == G and G > 1 else p for p in layer_prompts]
+            feats = text_packing.encode_text_packed(self.clip, first, packing, prompts)   # (g or 1, S, D)
+            for j, g in enumerate(where):
+                out[g] = feats[j if feats.shape[0] > 1 else 0]
+        return torch.stack(out)
 
     def text_features(self, class_names: Sequence[str], dynamic: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, D, 2) text features, column 0 normal, 1 abnormal.

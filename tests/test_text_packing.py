@@ -1,0 +1,90 @@
+"""The packed text pass (shared prefix, cached layer 0, no padding) equals the plain one."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adaclip import AdaCLIP, AdaCLIPConfig, PromptCfg
+from adaclip.model import text_packing
+from adaclip.model.backbone import encode_text
+
+
+def _model(length, depth=2, type="SD"):
+    torch.manual_seed(0)
+    cfg = AdaCLIPConfig.tiny()
+    cfg.prompts = PromptCfg(depth=depth, length=length, type=type)
+    model = AdaCLIP.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in model.learnable_parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("length, depth", [(2, 2), (5, 2), (9, 2)])
+def test_packed_equals_plain_text_pass(length, depth):
+    """L = 9 puts some sentences' end token inside the prompt (their feature is the prefix's)."""
+    model = _model(length, depth)
+    names = ["bottle", "metal-nut", "bottle"]
+    with torch.no_grad():
+        dyn = model.text_prompts.generate(torch.randn(3, 32, generator=torch.Generator().manual_seed(1)))
+        prompts = model.text_prompts.layer_prompts(dyn)                             # (3, L, Wt) per layer
+        packed = model._encode_packed(names, prompts)
+        tokens = torch.stack([model._tokens_for(c) for c in names])
+        plain = encode_text(model.clip, tokens, prompts)
+    torch.testing.assert_close(packed, plain, atol=1e-5, rtol=1e-5)
+    if length == 9:
+        assert any(e <= 9 for e in model._tokens_for("bottle").argmax(-1).tolist())
+
+
+def test_packed_equals_plain_at_the_paper_depth():
+    """A 12-layer text tower (ViT-B-32, random weights) with the paper's prompts: depth 4, length 5."""
+    from adaclip import BackboneCfg, FusionCfg
+    torch.manual_seed(0)
+    cfg = AdaCLIPConfig(backbone=BackboneCfg(name="ViT-B-32", pretrained=None, image_size=32),
+                        fusion=FusionCfg(use_hsf=False))
+    model = AdaCLIP.from_config(cfg).eval()
+    with torch.no_grad():
+        prompts = model.text_prompts.layer_prompts(model.text_prompts.generate(torch.randn(2, 512)))
+        packed = model._encode_packed(["bottle", "pill"], prompts)
+        plain = encode_text(model.clip, torch.stack([model._tokens_for(c) for c in ("bottle", "pill")]), prompts)
+    torch.testing.assert_close(packed, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_packing_keeps_each_distinct_token_prefix_once():
+    model = _model(5)
+    tokens = model._tokens_for("bottle")
+    packing = text_packing.Packing.build(tokens, 5)
+    ids, eot = tokens.tolist(), tokens.argmax(-1).tolist()
+    distinct = {tuple(ids[s][:p + 1]) for s, e in enumerate(eot) for p in range(6, e + 1)}
+    assert packing.mask.shape[0] == 6 + len(distinct)
+    assert packing.mask.shape[0] < sum(e + 1 for e in eot) / 2          # far fewer than the sentences' tokens
+    for s, e in enumerate(eot):                                         # the end token sees the prompt prefix
+        row = packing.mask[packing.eot_index[s]]                        # and exactly its own e - 5 tokens
+        assert row[:6].all() and int(row[6:].sum()) == e - 5
+    # two sentences that start alike share those positions
+    a, b = next((s, t) for s in range(len(ids)) for t in range(s + 1, len(ids))
+                if ids[s][:9] == ids[t][:9] and min(eot[s], eot[t]) > 9)
+    shared = packing.mask[packing.eot_index[a], 6:] & packing.mask[packing.eot_index[b], 6:]
+    assert int(shared.sum()) >= 9 - 6
+
+
+def test_layer0_is_computed_once_per_class_name():
+    model = _model(2)
+    calls = []
+    original = text_packing.layer0
+    text_packing.layer0 = lambda *a: calls.append(1) or original(*a)
+    try:
+        with torch.no_grad():
+            for seed in range(3):
+                model(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed)), ["bottle", "screw"])
+    finally:
+        text_packing.layer0 = original
+    assert len(calls) == 2                                  # bottle and screw, once each
+
+
+def test_packed_pass_trains(images):
+    model = _model(2)
+    model.train()
+    out = model(images, "bottle", return_layer_maps=True)
+    (out.image_probs[:, 1].sum() + out.layer_maps[0][:, 1].mean()).backward()
+    assert model.text_prompts.static[1].grad is not None and model.text_prompts.static[1].grad.abs().sum() > 0
+    assert F.normalize(model.text_prompts.dynamic[0].weight.grad.flatten(), dim=0).isfinite().all()
