@@ -179,3 +179,22 @@ def test_mixed_precision_keeps_float32_maps_and_trains(tiny_model, images):
     torch.testing.assert_close(out.pixel_scores, ref.pixel_scores, atol=0.05, rtol=0)
     (out.image_probs[:, 1].sum() + out.layer_maps[0][:, 1].mean()).backward()
     assert tiny_model.cls_proj.weight.grad is not None
+
+
+def test_activation_checkpointing_gives_the_same_gradients(images, monkeypatch):
+    """Frozen blocks recomputed in backward instead of stored: identical gradients, less memory."""
+    calls = []
+    original = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))
+    grads = []
+    for checkpointing in (False, True):
+        model = _model()
+        model.checkpoint_activations = checkpointing
+        model.train()
+        out = model(images, ["bottle", "screw", "bottle"], return_layer_maps=True)
+        (out.image_probs[:, 1].sum() + sum(m[:, 1].mean() for m in out.layer_maps)).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert len(calls) == 4 + 1                       # the prompted visual pass's 4 blocks, the text tower's 1 (of 2)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=0, atol=1e-7, msg=name)

@@ -158,6 +158,7 @@ class TrainCfg(_DictMixin):
     selection: str = "last"             # "last", "val" (split of the training data), "test_f1" (reference leak)
     val_fraction: float = 0.1           # used when selection == "val"
     amp: bool = True                    # autocast (bf16), CUDA only
+    checkpoint_activations: bool = False  # recompute frozen blocks in backward: same gradients, less memory
 
     def __post_init__(self):
         if self.dice not in ("per_image", "per_row"):

@@ -94,6 +94,7 @@ def train(model_cfg: Union[AdaCLIPConfig, dict], train_cfg: Union[TrainCfg, dict
 
     seed_everything(cfg.seed)
     model = AdaCLIP(model_cfg).to(device)
+    model.checkpoint_activations = cfg.checkpoint_activations
     what_ran = dict(model=model_cfg.to_dict(), train=cfg.to_dict(), train_manifests=_sources(train_manifests),
                     test_manifests=_sources(test_manifests), data_root=str(data_root), **weights_note(model))
     if not model.learnable_parameters():           # a training-free baseline ("clip"): a run like any other
@@ -113,8 +114,10 @@ def train(model_cfg: Union[AdaCLIPConfig, dict], train_cfg: Union[TrainCfg, dict
     last = ckpt_dir / "last.pt"
     if resume and last.is_file():
         state = read_checkpoint(last, map_location=device)
-        resumable = {k: v for k, v in cfg.to_dict().items() if k != "epochs"}   # more epochs are fine
-        saved = {k: v for k, v in state["train_config"].items() if k != "epochs"}
+        # more epochs are fine, and recomputing activations changes no result
+        free = ("epochs", "checkpoint_activations")
+        resumable = {k: v for k, v in cfg.to_dict().items() if k not in free}
+        saved = {k: v for k, v in state["train_config"].items() if k not in free}
         if state["model_config"] != model_cfg.to_dict() or saved != _jsonable(resumable):
             raise ValueError(f"cannot resume {last}: it was trained with model config {state['model_config']} "
                              f"and train config {state['train_config']}, not {model_cfg.to_dict()} and "

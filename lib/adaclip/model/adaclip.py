@@ -83,6 +83,8 @@ class AdaCLIP(nn.Module):
         self._lengths: dict[str, int] = {}               # class name -> tokens up to its last EOT
         self._packed: dict[tuple, tuple] = {}            # (class name, L, ...) -> layer-0 output, packing
         self._packable = text_packing.supported(self.clip)
+        # recompute the frozen blocks' activations in backward instead of storing them (training memory)
+        self.checkpoint_activations = False
         self._frozen_text: dict[tuple, torch.Tensor] = {}  # text features of an unprompted text tower
         self.random_weights = cfg.backbone.pretrained is None
 
@@ -159,7 +161,8 @@ class AdaCLIP(nn.Module):
                                      text_packing.Packing.build(tokens, L))
             first, packing = self._packed[key]
             prompts = [p[where] if p.shape[0] == G and G > 1 else p for p in layer_prompts]
-            feats = text_packing.encode_text_packed(self.clip, first, packing, prompts)   # (g or 1, S, D)
+            feats = text_packing.encode_text_packed(self.clip, first, packing, prompts,
+                                                    checkpoint=self._checkpointing())    # (g or 1, S, D)
             for j, g in enumerate(where):
                 out[g] = feats[j if feats.shape[0] > 1 else 0]
         return torch.stack(out)
@@ -229,7 +232,7 @@ class AdaCLIP(nn.Module):
         # 3. prompted visual pass
         if self.visual_prompts is not None:
             feature, tokens = encode_image(visual, images, self.out_layers,
-                                           self.visual_prompts.layer_prompts(dyn_v))
+                                           self.visual_prompts.layer_prompts(dyn_v), checkpoint=self._checkpointing())
         # 4. text features (B, D, 2)
         text = self.text_features(class_names, dyn_t) if text_features is None else text_features
         # 5. projections into the joint space
@@ -272,6 +275,9 @@ class AdaCLIP(nn.Module):
         g = self.image_size // self.patch_size                  # a plain int, also when traced for export
         x = logits.transpose(1, 2).reshape(B, C, g, g)
         return F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=True)
+
+    def _checkpointing(self) -> bool:
+        return self.checkpoint_activations and self.training and torch.is_grad_enabled()
 
     def train(self, mode: bool = True):
         super().train(mode)

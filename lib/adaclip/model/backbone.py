@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 import open_clip
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
 
@@ -197,13 +198,14 @@ def normalization(cfg: BackboneCfg) -> tuple[tuple[float, ...], tuple[float, ...
 
 
 def encode_image(visual: nn.Module, images: torch.Tensor, out_layers: Sequence[int],
-                 layer_prompts: Optional[Sequence[torch.Tensor]] = None):
+                 layer_prompts: Optional[Sequence[torch.Tensor]] = None, checkpoint: bool = False):
     """Visual pass with prompts inserted between blocks.
 
     images: (B, 3, S, S). layer_prompts: one (B, L, W) tensor per prompted layer 0..J-1, or None.
     Layer 0 appends the prompt after the patch tokens; layers 1..J-1 replace the last L tokens;
     later layers leave them in place. Returns the pooled, projected feature (B, D) and, per output
     layer, the patch tokens (B, N, W) right after that block (no class token, no prompt tokens).
+    ``checkpoint``: keep no block activations for backward, recompute them (same gradients, less memory).
     """
     x = visual.conv1(images)                                    # (B, W, g, g)
     x = x.flatten(2).transpose(1, 2)                            # (B, N, W)
@@ -219,7 +221,7 @@ def encode_image(visual: nn.Module, images: torch.Tensor, out_layers: Sequence[i
         if layer_prompts is not None and i < len(layer_prompts):
             p = layer_prompts[i].to(x.dtype).expand(x.shape[0], -1, -1)  # (B, L, W)
             x = torch.cat([x if i == 0 else x[:, :n_tok], p], dim=1)
-        x = block(x)
+        x = run_block(block, x, checkpoint=checkpoint)
         if i + 1 in want:
             patch_tokens.append(x[:, 1:n_tok])                  # (B, N, W)
 
@@ -227,6 +229,14 @@ def encode_image(visual: nn.Module, images: torch.Tensor, out_layers: Sequence[i
     if visual.proj is not None:
         pooled = pooled @ visual.proj                           # (B, D)
     return pooled, patch_tokens
+
+
+def run_block(block: nn.Module, x: torch.Tensor, *args, checkpoint: bool = False, **kwargs) -> torch.Tensor:
+    """``block(x, ...)``, or the same with its activations recomputed in backward (activation
+    checkpointing: frozen blocks still store what backward needs to reach the prompts)."""
+    if checkpoint and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, x, *args, use_reentrant=False, **kwargs)
+    return block(x, *args, **kwargs)
 
 
 def encode_text(clip: nn.Module, tokens: torch.Tensor,

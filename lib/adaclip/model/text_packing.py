@@ -18,10 +18,13 @@ For "bottle" with L = 5 that is 1 + 5 + 185 packed positions per image instead o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .backbone import run_block
 
 
 @dataclass
@@ -104,7 +107,8 @@ def layer0(clip: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return clip.transformer.resblocks[0](x, attn_mask=mask)
 
 
-def encode_text_packed(clip: nn.Module, first: torch.Tensor, packing: Packing, layer_prompts) -> torch.Tensor:
+def encode_text_packed(clip: nn.Module, first: torch.Tensor, packing: Packing, layer_prompts,
+                       checkpoint: bool = False) -> torch.Tensor:
     """The prompted text pass from layer 1 on, for G images of one class name.
 
     first: `layer0` of the class name's sentences (S, n, Wt); layer_prompts: one (G or 1, L, Wt)
@@ -123,7 +127,8 @@ def encode_text_packed(clip: nn.Module, first: torch.Tensor, packing: Packing, l
         if i < len(layer_prompts):                         # replace the prompt positions (layers 1..J-1)
             x = torch.cat([x[:, :1], layer_prompts[i].to(x.dtype).expand(G, -1, -1), x[:, 1 + L:]], dim=1)
         # the last block only needs the end tokens' outputs (every position still serves as a key)
-        x = block_forward(block, x, packing.mask, rows=eot if i == len(blocks) - 1 else None)
+        x = run_block(partial(block_forward, block), x, packing.mask, rows=eot if i == len(blocks) - 1 else None,
+                      checkpoint=checkpoint)
     x = clip.ln_final(x if len(blocks) > 1 else x[:, eot])                             # (G, S, Wt)
     proj = clip.text_projection
     return proj(x) if isinstance(proj, nn.Linear) else x @ proj
