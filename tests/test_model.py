@@ -194,7 +194,7 @@ def test_activation_checkpointing_gives_the_same_gradients(images, monkeypatch):
         out = model(images, ["bottle", "screw", "bottle"], return_layer_maps=True)
         (out.image_probs[:, 1].sum() + sum(m[:, 1].mean() for m in out.layer_maps)).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    assert len(calls) == 4 + 1                       # the prompted visual pass's 4 blocks, the text tower's 1 (of 2)
+    assert len(calls) == 4 + 2       # the prompted visual pass: 4 blocks; the text tower: block 1, per class name
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=0, atol=1e-7, msg=name)
