@@ -6,8 +6,12 @@ from adaclip.benchmark import run
 def test_benchmark_runs_on_the_tiny_model(capsys):
     rows = run(batch_size=2, device="cpu", repeats=1, cfg=AdaCLIPConfig.tiny())
     for name, value in rows:
-        print(f"{name:<42} {value}")
+        print(f"{name:<46} {value}")
     names = [name for name, _ in rows]
-    assert names[0] == "config" and "adaclip-tiny @ 32" in rows[0][1]
-    assert {"inference, batch 1", "inference, batch 2", "training step, batch 2", "peak memory"} <= set(names)
-    assert any(n.startswith("text pass") for n in names) and any(n.startswith("pixel metrics") for n in names)
+    assert names[0] == "config" and "adaclip-tiny @ 32, batch 2" in rows[0][1]
+    assert {"inference, batch 1", "inference, batch 2", "training step, batch 1", "training step, batch 2",
+            "peak memory, inference batch 2", "peak memory, training step batch 2"} <= set(names)
+    assert {"  unprompted pass, batch 2", "  prompted pass, batch 2", "  text pass, batch 2",
+            "  maps and HSF (the rest), batch 2"} <= set(names)
+    assert any(n.startswith("floor: bare open_clip") for n in names) and any(n.startswith("pixel metrics") for n in names)
+    assert "with activation checkpointing" in dict(rows)["peak memory, training step batch 2"]

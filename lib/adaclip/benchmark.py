@@ -1,14 +1,22 @@
 """Speed and memory numbers, printed (never asserted in tests): ``adaclip benchmark``.
 
-    adaclip benchmark                                   # ViT-B-16 @ 224, random weights, CPU
+    adaclip benchmark                                   # ViT-B-16 @ 224, batch 8, random weights, CPU
+    adaclip benchmark --backbone ViT-L-14-336 --image-size 336 --batch-size 2
     adaclip benchmark --backbone ViT-L-14-336 --image-size 518 --batch-size 8 --device cuda
 
-Measures inference images/s at batch size 1 (the reference's only option) and at ``batch_size``,
-one training step, the text pass with and without padding truncation, and pixel-metric streaming.
+Against the floor, a bare open_clip image forward at the same size and batch: inference at batch
+size 1 (the reference's only option) and at ``batch_size``, the ratio to the floor, the time of each
+stage (unprompted pass, prompted pass, text pass, maps and HSF; "x image pass" = x the floor), peak
+memory of inference and of a training step at batch 1 and N (with and without activation
+checkpointing), and pixel-metric streaming. Peak memory is the GPU's max allocated on CUDA, the
+process's peak RSS on CPU (then each number comes from a fresh process, since RSS never shrinks).
 """
 from __future__ import annotations
 
+import json
 import resource
+import subprocess
+import sys
 import time
 from typing import Optional
 
@@ -19,7 +27,7 @@ from .config import AdaCLIPConfig
 from .losses import adaclip_loss
 from .metrics import PixelAccumulator
 from .model import AdaCLIP
-from .model.backbone import encode_text
+from .model.backbone import encode_image
 
 
 def _timed(fn, device, repeats: int) -> float:
@@ -40,49 +48,101 @@ def peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024      # Linux: KiB
 
 
+def _amp(device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def _step(model, opt, x, names, masks, labels, device):
+    with _amp(device):
+        out = model(x, names, return_layer_maps=True)
+    loss, _ = adaclip_loss(out.image_probs.float(), [m.float() for m in out.layer_maps], labels, masks)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def measure(kind: str, cfg: AdaCLIPConfig, batch_size: int, device: str, checkpointing: bool = False) -> float:
+    """Peak memory (MiB) of one inference ("infer") or training step ("train") in this process."""
+    dev = torch.device(device)
+    model = AdaCLIP(cfg).to(dev)
+    model.checkpoint_activations = checkpointing
+    size = cfg.backbone.image_size
+    x, names = torch.randn(batch_size, 3, size, size, device=dev), ["bottle"] * batch_size
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    if kind == "infer":
+        with torch.no_grad(), _amp(dev):
+            model.eval()(x, names)
+    else:
+        opt = torch.optim.AdamW(model.learnable_parameters(), lr=0.01, betas=(0.5, 0.999))
+        masks = (torch.rand(batch_size, size, size, device=dev) > 0.9).float()
+        _step(model.train(), opt, x, names, masks, torch.ones(batch_size, dtype=torch.long, device=dev), dev)
+    return peak_memory_mb(dev)
+
+
+def _peak_in_fresh_process(kind, cfg, batch_size, device, checkpointing=False) -> float:
+    if torch.device(device).type == "cuda":                 # max allocated resets: no new process needed
+        return measure(kind, cfg, batch_size, device, checkpointing)
+    job = json.dumps({"kind": kind, "cfg": cfg.to_dict(), "batch_size": batch_size, "device": device,
+                      "checkpointing": checkpointing})
+    done = subprocess.run([sys.executable, "-m", "adaclip.benchmark", "--measure", job], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory measurement failed: {done.stderr[-2000:]}")
+    return float(done.stdout.strip().splitlines()[-1])
+
+
 def run(backbone: str = "ViT-B-16", image_size: int = 224, batch_size: int = 8, device: str = "cpu",
-        repeats: int = 3, pretrained=None, cfg: Optional[AdaCLIPConfig] = None) -> list[tuple[str, str]]:
+        repeats: int = 3, pretrained=None, cfg: Optional[AdaCLIPConfig] = None, memory: bool = True) -> list[tuple[str, str]]:
     """(name, value) rows. ``cfg`` replaces the paper's prompt and fusion settings on ``backbone``
     (e.g. ``AdaCLIPConfig.tiny()`` in the test suite)."""
     dev = torch.device(device)
     cfg = cfg or AdaCLIPConfig.from_params(backbone, pretrained, image_size)
     backbone, image_size, pretrained = cfg.backbone.name, cfg.backbone.image_size, cfg.backbone.pretrained
     model = AdaCLIP(cfg).to(dev).eval()
-    x = torch.randn(batch_size, 3, image_size, image_size, device=dev)
-    names = ["bottle"] * batch_size
-    rows = [("config", f"{backbone} @ {image_size}, weights {'random' if pretrained is None else pretrained}, "
+    visual = model.clip.visual
+    N = batch_size
+    x = torch.randn(N, 3, image_size, image_size, device=dev)
+    names = ["bottle"] * N
+    rows = [("config", f"{backbone} @ {image_size}, batch {N}, weights {'random' if pretrained is None else pretrained}, "
                        f"{device}, torch threads {torch.get_num_threads()}")]
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
-    with torch.no_grad(), amp:
+    with torch.no_grad(), _amp(dev):
+        floor1 = _timed(lambda: visual(x[:1]), dev, repeats)
+        floor = _timed(lambda: visual(x), dev, repeats)
         t1 = _timed(lambda: model(x[:1], names[:1]), dev, repeats)
         tb = _timed(lambda: model(x, names), dev, repeats)
-    rows += [("inference, batch 1", f"{1 / t1:.2f} images/s"),
-             (f"inference, batch {batch_size}", f"{batch_size / tb:.2f} images/s ({t1 * batch_size / tb:.2f}x)")]
-
-    tokens = torch.stack([model._tokens_for("bottle")] * batch_size).to(dev)
-    feature = torch.randn(batch_size, model.cls_proj.in_features, device=dev)
-    with torch.no_grad(), amp:
-        prompts = model.text_prompts.layer_prompts(model.text_prompts.generate(feature)) if model.text_prompts else None
-        full = _timed(lambda: encode_text(model.clip, tokens, prompts, truncate=False), dev, repeats)
-        short = _timed(lambda: encode_text(model.clip, tokens, prompts, truncate=True), dev, repeats)
-    rows.append((f"text pass, {batch_size}x{tokens.shape[1]} sentences", f"{full * 1e3:.0f} ms padded, "
-                 f"{short * 1e3:.0f} ms truncated after EOT ({full / short:.1f}x)"))
+        # the stages, as AdaCLIP.forward runs them
+        p = model.cfg.prompts
+        f0, _ = encode_image(visual, x, ())
+        dyn_v = model.visual_prompts.generate(f0) if model.visual_prompts is not None and p.dynamic else None
+        dyn_t = model.text_prompts.generate(f0) if model.text_prompts is not None and p.dynamic else None
+        stages = {"unprompted pass": _timed(lambda: encode_image(visual, x, ()), dev, repeats) if p.dynamic else 0.0}
+        if model.visual_prompts is not None:
+            prompts = model.visual_prompts.layer_prompts(dyn_v)
+            stages["prompted pass"] = _timed(lambda: encode_image(visual, x, model.out_layers, prompts), dev, repeats)
+        stages["text pass"] = _timed(lambda: model.text_features(names, dyn_t), dev, repeats)
+        stages["maps and HSF (the rest)"] = max(tb - sum(stages.values()), 0.0)
+    rows += [(f"floor: bare open_clip image forward, batch {N}", f"{floor / N * 1e3:.0f} ms/image"),
+             ("inference, batch 1", f"{t1 * 1e3:.0f} ms/image = {t1 / floor1:.2f}x the floor at batch 1"),
+             (f"inference, batch {N}", f"{tb / N * 1e3:.0f} ms/image = {tb / floor:.2f}x the floor "
+                                       f"({t1 * N / tb:.2f}x faster than batch 1)")]
+    rows += [(f"  {name}, batch {N}", f"{t * 1e3:.0f} ms = {t / floor:.2f}x one image pass") for name, t in stages.items()]
 
     model.train()
     opt = torch.optim.AdamW(model.learnable_parameters(), lr=0.01, betas=(0.5, 0.999))
-    masks = (torch.rand(batch_size, image_size, image_size, device=dev) > 0.9).float()
-    labels = torch.ones(batch_size, dtype=torch.long, device=dev)
-
-    def step():
-        with amp:
-            out = model(x, names, return_layer_maps=True)
-        loss, _ = adaclip_loss(out.image_probs.float(), [m.float() for m in out.layer_maps], labels, masks)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    ts = _timed(step, dev, max(1, repeats - 1))
-    rows.append((f"training step, batch {batch_size}", f"{ts:.2f} s ({batch_size / ts:.2f} images/s)"))
-    rows.append(("peak memory", f"{peak_memory_mb(dev):.0f} MiB ({'GPU allocated' if dev.type == 'cuda' else 'process RSS'})"))
+    for b in sorted({1, N}):
+        masks = (torch.rand(b, image_size, image_size, device=dev) > 0.9).float()
+        labels = torch.ones(b, dtype=torch.long, device=dev)
+        ts = _timed(lambda: _step(model, opt, x[:b], names[:b], masks, labels, dev), dev, max(1, repeats - 1))
+        rows.append((f"training step, batch {b}", f"{ts:.2f} s ({b / ts:.2f} images/s)"))
+    if memory:
+        what = "GPU max allocated" if dev.type == "cuda" else "peak RSS, fresh process"
+        for b in sorted({1, N}):
+            rows.append((f"peak memory, inference batch {b}", f"{_peak_in_fresh_process('infer', cfg, b, device):.0f} MiB ({what})"))
+        for b in sorted({1, N}):
+            plain = _peak_in_fresh_process("train", cfg, b, device)
+            ckpt = _peak_in_fresh_process("train", cfg, b, device, checkpointing=True)
+            rows.append((f"peak memory, training step batch {b}", f"{plain:.0f} MiB; {ckpt:.0f} MiB with activation "
+                                                                  f"checkpointing ({what})"))
 
     acc = PixelAccumulator()
     maps = np.random.default_rng(0).random((8, 518, 518)).astype(np.float32)
@@ -110,9 +170,17 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--pretrained", default=None)
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    p.add_argument("--measure", default=None, help=argparse.SUPPRESS)       # internal: one measurement
     a = p.parse_args(argv)
-    for name, value in run(a.backbone, a.image_size, a.batch_size, a.device, a.repeats, a.pretrained):
-        print(f"{name:<42} {value}")
+    if a.measure:
+        job = json.loads(a.measure)
+        print(measure(job["kind"], AdaCLIPConfig.from_dict(job["cfg"]), job["batch_size"], job["device"],
+                      job["checkpointing"]))
+        return
+    for name, value in run(a.backbone, a.image_size, a.batch_size, a.device, a.repeats, a.pretrained,
+                           memory=not a.no_memory):
+        print(f"{name:<46} {value}")
 
 
 if __name__ == "__main__":

@@ -85,7 +85,8 @@ def _train(args) -> int:
     from .data.registry import resolve_manifest, resolve_root, results_root
     from .train import train
 
-    cfg = TrainCfg(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, selection=args.selection)
+    cfg = TrainCfg(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, selection=args.selection,
+                   checkpoint_activations=args.checkpoint_activations)
     train(_model_cfg(args), cfg, [resolve_manifest(m) for m in args.train], resolve_root(args.root),
           results_root() / args.run, resume=args.resume, max_steps=args.max_steps,
           test_manifests=[resolve_manifest(m) for m in args.test] if args.test else None)
@@ -280,6 +281,8 @@ def main(argv=None) -> int:
     t.add_argument("--selection", default="last", choices=["last", "val", "test_f1"])
     t.add_argument("--resume", action="store_true")
     t.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke runs)")
+    t.add_argument("--checkpoint-activations", action="store_true",
+                   help="recompute the frozen blocks in backward: same gradients, less memory")
     t.set_defaults(fn=_train)
 
     e = sub.add_parser("evaluate", help="zero-shot evaluation of a checkpoint")
