@@ -43,9 +43,26 @@ def _timed(fn, device, repeats: int) -> float:
 
 
 def peak_memory_mb(device) -> float:
+    """GPU max allocated, or the process's peak RSS since `reset_peak_memory` (Linux: VmHWM)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024      # Linux: KiB
+    try:
+        with open("/proc/self/status") as f:
+            return int(f.read().split("VmHWM:")[1].split()[0]) / 1024       # KiB
+    except (OSError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_memory(device) -> None:
+    """Start a new peak: the model's construction (transient copies) does not count."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:                        # "5": reset the peak RSS
+            f.write("5")
+    except OSError:
+        pass
 
 
 def _amp(device):
@@ -68,8 +85,7 @@ def measure(kind: str, cfg: AdaCLIPConfig, batch_size: int, device: str, checkpo
     model.checkpoint_activations = checkpointing
     size = cfg.backbone.image_size
     x, names = torch.randn(batch_size, 3, size, size, device=dev), ["bottle"] * batch_size
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory(dev)
     if kind == "infer":
         with torch.no_grad(), _amp(dev):
             model.eval()(x, names)
@@ -135,7 +151,7 @@ def run(backbone: str = "ViT-B-16", image_size: int = 224, batch_size: int = 8, 
         ts = _timed(lambda: _step(model, opt, x[:b], names[:b], masks, labels, dev), dev, max(1, repeats - 1))
         rows.append((f"training step, batch {b}", f"{ts:.2f} s ({b / ts:.2f} images/s)"))
     if memory:
-        what = "GPU max allocated" if dev.type == "cuda" else "peak RSS, fresh process"
+        what = "GPU max allocated" if dev.type == "cuda" else "peak RSS, model loaded"
         for b in sorted({1, N}):
             rows.append((f"peak memory, inference batch {b}", f"{_peak_in_fresh_process('infer', cfg, b, device):.0f} MiB ({what})"))
         for b in sorted({1, N}):
