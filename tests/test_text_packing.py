@@ -88,3 +88,14 @@ def test_packed_pass_trains(images):
     (out.image_probs[:, 1].sum() + out.layer_maps[0][:, 1].mean()).backward()
     assert model.text_prompts.static[1].grad is not None and model.text_prompts.static[1].grad.abs().sum() > 0
     assert F.normalize(model.text_prompts.dynamic[0].weight.grad.flatten(), dim=0).isfinite().all()
+
+
+def test_cached_layer0_serves_autocast_and_full_precision(images):
+    """The cache filled under (CPU) bf16 autocast still serves a float32 call, and the reverse."""
+    model = _model(2)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = model(images, "bottle").pixel_scores
+        full = model(images, "bottle").pixel_scores
+    assert full.dtype == mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, full, atol=0.05, rtol=0)

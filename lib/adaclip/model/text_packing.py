@@ -99,12 +99,14 @@ def block_forward(block: nn.Module, x: torch.Tensor, mask: torch.Tensor, rows=No
 
 @torch.no_grad()
 def layer0(clip: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """(S, T) ids -> (S, n, Wt): the unprompted layer 0 over each sentence up to the last end token."""
+    """(S, T) ids -> (S, n, Wt): the unprompted layer 0 over each sentence up to the last end token.
+    Computed outside any autocast region: the cached result serves full- and mixed-precision calls."""
     n = int(tokens.argmax(-1).max()) + 1
     cast = clip.transformer.get_cast_dtype()
-    x = clip.token_embedding(tokens[:, :n]).to(cast) + clip.positional_embedding[:n].to(cast)
-    mask = clip.attn_mask[:n, :n] if clip.attn_mask is not None else None
-    return clip.transformer.resblocks[0](x, attn_mask=mask)
+    with torch.autocast(tokens.device.type, enabled=False):
+        x = clip.token_embedding(tokens[:, :n]).to(cast) + clip.positional_embedding[:n].to(cast)
+        mask = clip.attn_mask[:n, :n] if clip.attn_mask is not None else None
+        return clip.transformer.resblocks[0](x, attn_mask=mask)
 
 
 def encode_text_packed(clip: nn.Module, first: torch.Tensor, packing: Packing, layer_prompts,
