@@ -96,7 +96,7 @@ def qualitative_examples(runs: Runs, results_dir: PathLike, n: int = 3) -> dict:
     """Up to ``n`` anomalous, pixel-annotated test images that every run scored and saved maps for
     (notebook 02's ``save_maps``), one dataset after another; returns images, masks, titles and
     {run: maps}, ready for `viz.qualitative_grid`. Empty lists when no run saved maps."""
-    from .data import load_pair, read_manifests
+    from .data import load_row, read_manifests
 
     results_dir = Path(results_dir)
     empty = {"images": [], "masks": [], "titles": [], "maps": {}}
@@ -115,8 +115,8 @@ def qualitative_examples(runs: Runs, results_dir: PathLike, n: int = 3) -> dict:
     picks = annotated[annotated.image.isin(common)]
     picks = picks.assign(k=picks.groupby("dataset").cumcount()).sort_values(["k", "dataset"], kind="stable").head(n)
     out = {"images": [], "masks": [], "titles": [], "maps": {r: [] for r in with_maps}}
-    for row in picks.itertuples():
-        image, mask = load_pair(root, row.image, row.mask, getattr(row, "crop", ""))
+    for _, row in picks.iterrows():
+        image, mask = load_row(root, row)
         out["images"].append(np.asarray(image))
         out["masks"].append(mask)
         out["titles"].append(f"{row.dataset}/{row.category}")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import viz
-from .data import load_pair
+from .data import load_row
 
 PathLike = Union[str, Path]
 ALL = "(all)"
@@ -78,6 +78,7 @@ class Explorer:
         self.model, self.root, self.figures_dir, self.title = model, Path(root), Path(figures_dir), title
         self.df = manifest.reset_index(drop=True)
         self.cache: dict = {}                  # (image key, class name) -> Inspection
+        self._images: dict = {}                # image key -> (image, ground truth), read once
         self.model_calls = 0
         self.uploads: dict = {}                # name -> PIL image
         opts = lambda col: [ALL, *sorted(self.df[col].astype(str).unique())]  # noqa: E731
@@ -147,22 +148,21 @@ class Explorer:
         key, name = self.image.value, self.class_name.value.strip()
         if not key or not name:
             return None, None
-        mask = None
+        image, mask = self._image(key)
         if (key, name) not in self.cache:
-            image = self._image(key)
             self.model_calls += 1
             self.cache[(key, name)] = inspect(self.model, image, name)
-        if key.startswith("row:"):
-            row = self.df.loc[int(key[4:])]
-            if row["mask"]:
-                mask = load_pair(self.root, row["image"], row["mask"], row.get("crop", ""))[1]
         return self.cache[(key, name)], mask
 
-    def _image(self, key: str) -> Image.Image:
+    def _image(self, key: str) -> tuple[Image.Image, Optional[np.ndarray]]:
+        """The image and its ground truth (None without one), read once per image."""
         if key.startswith("upload:"):
-            return self.uploads[key[7:]]
-        row = self.df.loc[int(key[4:])]
-        return load_pair(self.root, row["image"], row["mask"], row.get("crop", ""))[0]
+            return self.uploads[key[7:]], None
+        if key not in self._images:
+            row = self.df.loc[int(key[4:])]
+            image, mask = load_row(self.root, row)
+            self._images[key] = (image, mask if row["mask"] else None)
+        return self._images[key]
 
     # ---------------------------------------------------------------- drawing
     def figure(self):

@@ -15,7 +15,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from . import runs
-from .data.images import load_pair
+from .data.images import load_row
 
 RANDOM_WEIGHTS = runs.RANDOM_WEIGHTS   # the figure title of random-weight runs
 COLUMN, PAGE = 3.5, 7.2               # figure widths in inches: one column, a whole page
@@ -52,7 +52,7 @@ def sample_grid(df: pd.DataFrame, root: Union[str, Path], per_dataset: int = 4, 
             if c >= len(sel):
                 continue
             row = sel.iloc[c]
-            image, mask = load_pair(root, row["image"], row["mask"], row.get("crop", ""))
+            image, mask = load_row(root, row)
             image, mask = np.asarray(image), (mask if row["mask"] else None)
             state = "anomalous" if row.label else "normal"
             overlay(ax, image, mask, title=f"{row.dataset}/{row.category}\n{state}")

@@ -8,7 +8,7 @@ import pandas as pd
 
 from .adapters import ADAPTERS
 from .dataset import AnomalyDataset
-from .images import ImageError, load_image, load_mask, load_pair
+from .images import ImageError, load_image, load_mask, load_row
 from .manifest import (COLUMNS, DATA_ROOT_ENV, ManifestError, check, check_disjoint, counts, data_root,
                        make_manifest, pixel_annotated, read_manifest, read_manifests, validate, write_manifest)
 
@@ -33,5 +33,5 @@ def build_manifest(dataset: str, root: Union[str, Path, None] = None, folder: Op
 
 
 __all__ = ["ADAPTERS", "AnomalyDataset", "COLUMNS", "DATA_ROOT_ENV", "ImageError", "ManifestError", "build_manifest",
-           "check", "check_disjoint", "counts", "data_root", "load_image", "load_mask", "load_pair", "make_manifest",
+           "check", "check_disjoint", "counts", "data_root", "load_image", "load_mask", "load_row", "make_manifest",
            "pixel_annotated", "read_manifest", "read_manifests", "validate", "write_manifest"]

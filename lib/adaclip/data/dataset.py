@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .images import ImageError, load_pair
+from .images import ImageError, load_row
 from .manifest import ManifestError, pixel_annotated
 
 
@@ -43,7 +43,7 @@ class AnomalyDataset(Dataset):
         row = self.df.iloc[i]
         where = f"{self.df.attrs.get('path', 'manifest')} row {i + 2}"
         try:
-            return load_pair(self.root, row["image"], row["mask"], row.get("crop", ""))
+            return load_row(self.root, row)
         except ImageError as e:
             raise ManifestError(f"{where}: {e}") from e
 

@@ -82,10 +82,12 @@ def check_crop(crop: str, size: tuple[int, int], what: str) -> None:
         raise ImageError(f"crop {crop} lies outside {what}, which is {size[0]}x{size[1]}")
 
 
-def load_pair(root: Union[str, Path], image: str, mask: str = "", crop: str = "") -> tuple[Image.Image, np.ndarray]:
-    """One manifest row's image (8-bit RGB) and mask ((H, W) {0, 1}; zeros when ``mask`` is empty),
-    checked to be the same size and cut to ``crop`` when the row has one (KolektorSDD strips)."""
+def load_row(root: Union[str, Path], row) -> tuple[Image.Image, np.ndarray]:
+    """One manifest row's (a Series or dict: ``image``, ``mask``, optional ``crop``) image, 8-bit RGB,
+    and mask, (H, W) {0, 1} (zeros when ``mask`` is empty), checked to be the same size and cut to
+    ``crop`` when the row has one (KolektorSDD strips)."""
     root = Path(root)
+    image, mask, crop = row["image"], row.get("mask", ""), row.get("crop", "")
     im = load_image(root / image)
     if mask:
         m = load_mask(root / mask)
