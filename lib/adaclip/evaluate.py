@@ -29,7 +29,7 @@ THRESHOLDS = "thresholds.json"   # beside model.pt in a run folder: what `adacli
 class EvalResult:
     metrics: pd.DataFrame   # one row per dataset/category, a mean row per dataset (and overall)
     scores: pd.DataFrame    # one row per image: score, label, F1-optimal decision
-    pixel_curves: Optional[pd.DataFrame] = None   # ROC / PR points from the pixel histograms
+    pixel_curves: Optional[pd.DataFrame] = None   # ROC / PR points from the pixel histograms (with run_dir)
 
 
 def autocast(device: torch.device, enabled: bool = True):
@@ -115,7 +115,8 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
             scored.loc[sel, "threshold"] = m["image_threshold"]
             scored.loc[sel, "decision"] = (scores[sel] >= m["image_threshold"]).astype(int)
     metrics = _with_means(rows)
-    curves = pixel_curves(pixels)
+    # curve points and thresholds are for the run folder; validation during training needs neither
+    curves = pixel_curves(pixels) if run_dir is not None else None
     if run_dir is not None and distributed.is_main():
         write_csv(Path(run_dir) / "metrics.csv", metrics)
         write_csv(Path(run_dir) / "scores.csv", scored)
