@@ -100,12 +100,17 @@ def test_committed_manifests_match_adapters(rel):
 
 
 # ---------------------------------------------------------------- fixture trees
+def mvtec_tree(folder: Path, categories, train="000", good="000", bad="001"):
+    """An MVTec-layout tree: per category train/good, test/good, test/bad with its _mask.png."""
+    for cat in categories:
+        img(folder / cat / f"train/good/{train}.png")
+        img(folder / cat / f"test/good/{good}.png")
+        img(folder / cat / f"test/bad/{bad}.png")
+        mask(folder / cat / f"ground_truth/bad/{bad}_mask.png")
+
+
 def test_mpdd_mvtec_layout(tmp_path):
-    for cat in ("bracket_black", "metal_plate"):
-        img(tmp_path / "mpdd" / cat / "train/good/000.png")
-        img(tmp_path / "mpdd" / cat / "test/good/000.png")
-        img(tmp_path / "mpdd" / cat / "test/bad/001.png")
-        mask(tmp_path / "mpdd" / cat / "ground_truth/bad/001_mask.png")
+    mvtec_tree(tmp_path / "mpdd", ("bracket_black", "metal_plate"))
     df = build_manifest("mpdd", tmp_path)
     check(df, tmp_path)
     assert len(df) == 6 and set(df.category) == {"bracket_black", "metal_plate"}
@@ -114,11 +119,7 @@ def test_mpdd_mvtec_layout(tmp_path):
 
 def test_dtd_synthetic_layout(tmp_path):
     """DTD-Synthetic: Woven_NNN categories, test/bad with ground_truth/bad/NNN_mask.png, train/good."""
-    for cat in ("Woven_001", "Blotchy_099"):
-        img(tmp_path / "dtd" / cat / "train/good/000.png")
-        img(tmp_path / "dtd" / cat / "test/good/010.png")
-        img(tmp_path / "dtd" / cat / "test/bad/011.png")
-        mask(tmp_path / "dtd" / cat / "ground_truth/bad/011_mask.png")
+    mvtec_tree(tmp_path / "dtd", ("Woven_001", "Blotchy_099"), good="010", bad="011")
     df = build_manifest("dtd", tmp_path)
     check(df, tmp_path)
     assert set(df.dataset) == {"dtd"} and set(df.category) == {"Woven_001", "Blotchy_099"}
