@@ -84,3 +84,58 @@ def test_corrupt_and_foreign_files(tmp_path, tiny_model):
         AdaCLIP.load(foreign)
     with pytest.raises(FileNotFoundError):
         AdaCLIP.load(tmp_path / "missing.pt")
+
+
+def _activation(model) -> str:
+    return type(model.clip.visual.transformer.resblocks[0].mlp.gelu).__name__
+
+
+def test_official_files_load_with_the_gelu_they_were_trained_with(tiny_cfg, images, tmp_path):
+    """`from_official` (what notebook 02, 04 and `--official` use) builds the paper's setting with exact
+    GELU; asking for QuickGELU works but warns that the file was trained with GELU."""
+    from adaclip.model.checkpoint import official_config
+
+    paper = official_config()
+    assert (paper.backbone.name, paper.backbone.image_size, paper.backbone.quick_gelu) == ("ViT-L-14-336", 518, False)
+    torch.manual_seed(1)
+    source = AdaCLIP.from_config(tiny_cfg).eval()
+    path = tmp_path / "pretrained_all.pth"
+    torch.save(_official_state(source), path)
+    setting = dict(backbone={"name": "adaclip-tiny", "pretrained": None, "image_size": 32},
+                   prompts=tiny_cfg.prompts.to_dict(), fusion=tiny_cfg.fusion.to_dict())
+    loaded = AdaCLIP.from_official(path, **setting).eval()
+    assert _activation(loaded) == "GELU" and loaded.cfg.backbone.quick_gelu is False
+    for a, b in zip(_outputs(source, images), _outputs(loaded, images)):
+        torch.testing.assert_close(a, b)
+    with pytest.warns(UserWarning, match="trained on exact-GELU features"):
+        quick = AdaCLIP.from_official(path, **{**setting, "backbone": {**setting["backbone"], "quick_gelu": True}})
+    assert _activation(quick) == "QuickGELU"
+
+
+def test_a_stored_run_reloads_with_its_activation(images, tmp_path):
+    """The activation is part of the stored config; version-1 files (quick_gelu None, which then meant
+    'as the weights were trained': QuickGELU for a model OpenAI released) reload with what they ran."""
+    from adaclip import AdaCLIPConfig
+
+    cfg = AdaCLIPConfig.tiny(quick_gelu=True)
+    torch.manual_seed(0)
+    model = AdaCLIP.from_config(cfg).eval()
+    model.save(tmp_path / "model.pt")
+    again = AdaCLIP.load(tmp_path / "model.pt").eval()
+    assert _activation(again) == "QuickGELU" and again.cfg.backbone.quick_gelu is True
+    for a, b in zip(_outputs(model, images), _outputs(again, images)):
+        torch.testing.assert_close(a, b)
+    # version 1: the same file with the activation unrecorded
+    for name, expected in (("ViT-B-32", "QuickGELU"), ("adaclip-tiny", "GELU")):
+        cfg = AdaCLIPConfig.tiny(name=name)
+        torch.manual_seed(0)
+        model = AdaCLIP.from_config(cfg)
+        payload = torch.load(_saved(model, tmp_path), weights_only=True)
+        payload["version"], payload["config"]["backbone"]["quick_gelu"] = 1, None
+        torch.save(payload, tmp_path / "v1.pt")
+        assert _activation(AdaCLIP.load(tmp_path / "v1.pt")) == expected
+
+
+def _saved(model, folder):
+    model.save(folder / "saved.pt")
+    return folder / "saved.pt"

@@ -77,7 +77,7 @@ def _model_cfg(args):
 
     return AdaCLIPConfig.from_params(args.backbone, args.pretrained, args.image_size, args.prompt_depth,
                                      args.prompt_length, args.prompt_type, args.prompt_branch, not args.no_hsf,
-                                     args.k_clusters)
+                                     args.k_clusters, quick_gelu=args.quick_gelu)
 
 
 def _train(args) -> int:
@@ -121,6 +121,15 @@ def _checkpoint_arguments(parser) -> None:
     parser.add_argument("--image-size", type=int, default=518, help="with --official: the file's input size")
     parser.add_argument("--pretrained", default=None,
                         help="CLIP weights, a file or tag: replaces the checkpoint's (--official: default openai)")
+    _activation_arguments(parser, "with --official: ")
+
+
+def _activation_arguments(parser, when: str = "") -> None:
+    """``quick_gelu``: None (the method's default) unless one of the two flags says otherwise."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--quick-gelu", dest="quick_gelu", action="store_true", default=None,
+                       help=f"{when}QuickGELU activation (default: the method's, AdaCLIP exact GELU as its reference ran)")
+    group.add_argument("--gelu", dest="quick_gelu", action="store_false", help=f"{when}exact GELU activation")
 
 
 def _load_model(args):
@@ -128,8 +137,9 @@ def _load_model(args):
     from . import AdaCLIP, AdaCLIPConfig
 
     if args.official:
-        cfg = AdaCLIPConfig.from_params(args.backbone, args.pretrained or "openai", args.image_size)
-        return AdaCLIP.from_config(cfg).load_official_checkpoint(args.checkpoint)
+        backbone = dict(name=args.backbone, pretrained=args.pretrained or "openai", image_size=args.image_size,
+                        quick_gelu=args.quick_gelu)
+        return AdaCLIP.from_official(args.checkpoint, backbone=backbone)
     return AdaCLIP.load(args.checkpoint, **({"pretrained": args.pretrained} if args.pretrained else {}))
 
 
@@ -274,6 +284,7 @@ def main(argv=None) -> int:
     t.add_argument("--prompt-branch", default="VL")
     t.add_argument("--no-hsf", action="store_true")
     t.add_argument("--k-clusters", type=int, default=20)
+    _activation_arguments(t)
     t.add_argument("--epochs", type=int, default=5)
     t.add_argument("--batch-size", type=int, default=1)
     t.add_argument("--lr", type=float, default=0.01)

@@ -41,7 +41,8 @@ class BackboneCfg(_DictMixin):
     pretrained: Optional[str] = "openai"           # open_clip tag, local file, or None (random init)
     image_size: int = 518                          # pos-embeds resized on load
     out_layers: Optional[Tuple[int, ...]] = None   # 1-based, "after block k"; None = quarter depths
-    quick_gelu: Optional[bool] = None              # None: as the `openai` weights were trained
+    quick_gelu: Optional[bool] = None              # activation: False exact GELU, True QuickGELU; None: the
+                                                   # method's default (AdaCLIP GELU as its reference ran)
     init_seed: int = 0                             # random init (pretrained=None) is seeded: reloadable
 
     def __post_init__(self):
@@ -130,9 +131,11 @@ class AdaCLIPConfig(_DictMixin):
     @classmethod
     def from_params(cls, backbone: str = "ViT-L-14-336", pretrained: Optional[str] = "openai", image_size: int = 518,
                     prompt_depth: int = 4, prompt_length: int = 5, prompt_type: str = "SD", prompt_branch: str = "VL",
-                    use_hsf: bool = True, k_clusters: int = 20, method: str = "adaclip") -> "AdaCLIPConfig":
+                    use_hsf: bool = True, k_clusters: int = 20, method: str = "adaclip",
+                    quick_gelu: Optional[bool] = None) -> "AdaCLIPConfig":
         """From the flat literals of a notebook's parameters cell."""
-        return cls(backbone=BackboneCfg(name=backbone, pretrained=pretrained, image_size=image_size),
+        return cls(backbone=BackboneCfg(name=backbone, pretrained=pretrained, image_size=image_size,
+                                        quick_gelu=quick_gelu),
                    prompts=PromptCfg(depth=prompt_depth, length=prompt_length, type=prompt_type, branch=prompt_branch),
                    fusion=FusionCfg(use_hsf=use_hsf, k_clusters=k_clusters), method=method)
 
@@ -175,6 +178,7 @@ class EvalCfg(_DictMixin):
     num_workers: int = 0
     aupro: bool = True                  # region labelling costs time; off for validation during training
     aupro_fpr_limit: float = 0.3
+    aupro_cflow: bool = True            # also AnomalyCLIP's / Crane's AUPRO (metrics.CflowAupro), as they publish it
     save_maps: bool = False             # compressed anomaly maps (npz) in the run folder
     pixel_metric_size: Optional[int] = None  # None: evaluate maps at the model's input size
     k_shot: int = 0                     # normal reference images per category (few-shot); 0 = zero-shot

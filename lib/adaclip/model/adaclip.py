@@ -22,7 +22,8 @@ from ..config import AdaCLIPConfig
 from ..text import NORMAL_STATES, TEMPLATES, state_sentences
 from ..transforms import build_transform
 from . import checkpoint
-from .backbone import build_clip, default_out_layers, encode_image, encode_text, patch_size
+from .backbone import (build_clip, config_quick_gelu, default_out_layers, encode_image, encode_text, patch_size,
+                       weights_quick_gelu)
 from .fusion import gaussian_blur, hybrid_semantic_fusion
 from . import text_packing
 from .prompts import HybridPrompts
@@ -51,6 +52,8 @@ class AdaCLIP(nn.Module):
 
     def __init__(self, cfg: AdaCLIPConfig, clip: Optional[nn.Module] = None, device: Optional[str] = None):
         super().__init__()
+        if cfg.backbone.quick_gelu is None:      # resolved here, so that every config written records it
+            cfg.backbone.quick_gelu = default_quick_gelu(cfg)
         self.cfg = cfg
         self.clip = clip if clip is not None else build_clip(cfg.backbone, device)
         self.clip.eval().requires_grad_(False)
@@ -123,9 +126,17 @@ class AdaCLIP(nn.Module):
         return checkpoint.load(cls, path, map_location=map_location, **backbone_overrides)
 
     def load_official_checkpoint(self, path: Union[str, Path]) -> "AdaCLIP":
-        """Load a release file of the reference code (e.g. ``pretrained_all.pth``)."""
+        """Load a release file of the reference code (e.g. ``pretrained_all.pth``) into this model
+        (which must have the file's setting; `from_official` builds it)."""
         checkpoint.load_official(self, path)
         return self
+
+    @classmethod
+    def from_official(cls, path: Union[str, Path], **overrides) -> "AdaCLIP":
+        """An official release file in the setting it was trained in (the paper's, exact GELU);
+        ``overrides``: config sections as dicts, e.g. ``backbone={"pretrained": "/path/ViT-L-14-336px.pt"}``
+        (``backbone={"quick_gelu": True}`` runs QuickGELU instead, with a warning)."""
+        return cls(checkpoint.official_config(**overrides)).load_official_checkpoint(path)
 
     # ---------------------------------------------------------------- text
     def _tokens_for(self, name: str) -> torch.Tensor:
@@ -283,6 +294,15 @@ class AdaCLIP(nn.Module):
         super().train(mode)
         self.clip.eval()  # frozen: dropout / patch dropout stay off
         return self
+
+
+def default_quick_gelu(cfg: AdaCLIPConfig) -> bool:
+    """Each method's activation as its reference ran it (ADACLIP_SPEC.md, Backbone): AdaCLIP (and the
+    `linear` heads, APRIL-GAN's at 518 px) build open_clip's config, exact GELU for ViT-L-14-336 with
+    OpenAI's weights; the training-free `clip` baseline is CLIP as its weights were trained (QuickGELU)."""
+    if cfg.method == "clip":
+        return weights_quick_gelu(cfg.backbone)
+    return config_quick_gelu(cfg.backbone.name)
 
 
 def _full_precision(device: torch.device):

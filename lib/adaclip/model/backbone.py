@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -64,12 +65,26 @@ def _looks_like_path(p: str) -> bool:
     return os.sep in p or p.endswith((".pt", ".pth", ".bin", ".safetensors")) or Path(p).expanduser().is_file()
 
 
-def _uses_quick_gelu(cfg: BackboneCfg) -> bool:
-    if cfg.quick_gelu is not None:
-        return cfg.quick_gelu
-    # OpenAI's CLIP was trained with QuickGELU; AdaCLIP uses those weights. Other tags say their own.
-    tag = _known_tag(cfg) or "openai"
-    return bool(open_clip.get_pretrained_cfg(cfg.name, tag).get("quick_gelu", False))
+def config_quick_gelu(name: str) -> bool:
+    """The activation open_clip's config for ``name`` builds: exact GELU for the plain ViT configs,
+    QuickGELU for the ``-quickgelu`` ones. AdaCLIP's reference builds ``CLIP(**cfg)`` from such a
+    config around the OpenAI weights, so it runs exact GELU (ADACLIP_SPEC.md, Backbone)."""
+    return bool(open_clip.get_model_config(name).get("quick_gelu", False))
+
+
+def weights_quick_gelu(cfg: BackboneCfg) -> bool:
+    """The activation the configured weights were trained with: the tag's own, or OpenAI's QuickGELU
+    for a file (or a random init) of a model that OpenAI released."""
+    tag = _known_tag(cfg)
+    if tag:
+        return bool(open_clip.get_pretrained_cfg(cfg.name, tag).get("quick_gelu", False))
+    if "openai" in open_clip.list_pretrained_tags_by_model(cfg.name):
+        return True
+    return config_quick_gelu(cfg.name)
+
+
+def activation_name(quick_gelu: Optional[bool]) -> str:
+    return {True: "QuickGELU", False: "GELU"}.get(quick_gelu, "unrecorded")
 
 
 def _clean_tag(tag: str) -> str:
@@ -99,14 +114,17 @@ def build_clip(cfg: BackboneCfg, device: Optional[str] = None) -> nn.Module:
     if "patch_size" in vision:                    # fail before loading any weights
         check_image_size(cfg.image_size, int(vision["patch_size"]))
     weights = resolve_weights(cfg)
-    quick_gelu = _uses_quick_gelu(cfg)
+    quick_gelu = config_quick_gelu(cfg.name) if cfg.quick_gelu is None else bool(cfg.quick_gelu)
     if weights is None:
         log.warning("random weights: scores are meaningless (backbone %s, pretrained=None)", cfg.name)
     try:
         # Built at the native size, then resized below: the reference interpolates the
         # positional embedding bicubically without antialiasing; open_clip's loader antialiases.
-        with _seeded(cfg.init_seed if weights is None else None):
-            clip = open_clip.create_model(cfg.name, pretrained=weights, force_quick_gelu=quick_gelu,
+        # `quick_gelu` as a model argument overrides the config both ways; open_clip's warning that
+        # OpenAI's weights were trained with QuickGELU is expected where GELU is the recorded choice
+        with _seeded(cfg.init_seed if weights is None else None), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="QuickGELU mismatch")
+            clip = open_clip.create_model(cfg.name, pretrained=weights, quick_gelu=quick_gelu,
                                           **({"device": device} if device else {}))
     except Exception as e:  # network / hub / cache failures all end here
         if weights is None or isinstance(e, (FileNotFoundError, ValueError)):
@@ -127,6 +145,7 @@ def build_clip(cfg: BackboneCfg, device: Optional[str] = None) -> nn.Module:
         raise ValueError(f"backbone {cfg.name} runs its transformers sequence-first; the prompted passes "
                          f"expect open_clip's default batch-first layout")
     set_image_size(visual, cfg.image_size)
+    log.info("%s: %s activation", cfg.name, activation_name(quick_gelu))
     clip.eval().requires_grad_(False)
     return clip
 

@@ -1,11 +1,16 @@
 """Checkpoints: ours (learnable parameters + config) and the official AdaCLIP release files.
 
-Ours: ``{"format": "adaclip", "version": 1, "config": {...}, "state_dict": {...}, **extra}``
-written atomically and read with ``torch.load(weights_only=True)``.
+Ours: ``{"format": "adaclip", "version": 2, "config": {...}, "state_dict": {...}, **extra}``
+written atomically and read with ``torch.load(weights_only=True)``. Version 2 records the activation
+(``backbone.quick_gelu``) as a bool; version 1 files left it None, which then meant "as the weights
+were trained" (QuickGELU for OpenAI's), and they reload with that activation.
 
 Official (github caoyunkang/AdaCLIP: ``pretrained_mvtec_colondb.pth``, ``pretrained_visa_clinicdb.pth``,
 ``pretrained_all.pth``): a plain state dict of the trainer, keys prefixed ``clip_model.``. They were
-trained with ViT-L-14-336 at 518 px, prompt depth 4, length 5, type SD, branch VL (the defaults).
+trained with ViT-L-14-336 at 518 px, prompt depth 4, length 5, type SD, branch VL (the defaults), on
+exact-GELU features: the reference builds open_clip's plain ``ViT-L-14-336`` config, which has no
+``quick_gelu``, around the OpenAI weights (ADACLIP_SPEC.md, Backbone). `official_config` is that
+setting; loading a release file into a QuickGELU model warns.
 Key mapping (reference -> ours):
 
 | reference key                                        | ours                              |
@@ -19,16 +24,20 @@ Key mapping (reference -> ours):
 """
 from __future__ import annotations
 
+import logging
 import re
+import warnings
 from pathlib import Path
 from typing import Union
 
+import open_clip
 import torch
 
-from ..config import AdaCLIPConfig
+from ..config import AdaCLIPConfig, BackboneCfg
 from ..io import atomic_path
 
-FORMAT, VERSION = "adaclip", 1
+log = logging.getLogger(__name__)
+FORMAT, VERSION = "adaclip", 2
 
 OFFICIAL_KEY_MAP = [
     (r"visual_prompter\.static_prompts\.(\d+)", r"visual_prompts.static.\1"),
@@ -68,7 +77,13 @@ def load(cls, path, map_location="cpu", **backbone_overrides):
     if not (isinstance(obj, dict) and obj.get("format") == FORMAT):
         raise CheckpointError(f"{path} is not an adaclip checkpoint (no 'format': 'adaclip'); for the official "
                               f"release files use model.load_official_checkpoint('{path}')")
-    cfg = AdaCLIPConfig.from_dict(obj["config"])
+    config = obj["config"]
+    if obj.get("version", 1) < 2 and (config.get("backbone") or {}).get("quick_gelu") is None:
+        config = {**config, "backbone": {**config.get("backbone", {}),
+                                         "quick_gelu": _version1_quick_gelu(config.get("backbone", {}))}}
+        log.info("%s: a version-1 checkpoint; it runs the activation it was trained with (quick_gelu=%s)",
+                 path, config["backbone"]["quick_gelu"])
+    cfg = AdaCLIPConfig.from_dict(config)
     for k, v in backbone_overrides.items():
         if not hasattr(cfg.backbone, k):
             raise ValueError(f"unknown backbone field {k!r}")
@@ -77,6 +92,16 @@ def load(cls, path, map_location="cpu", **backbone_overrides):
     model = cls(cfg)
     load_state(model, obj["state_dict"], path)
     return model.to(map_location) if map_location else model
+
+
+def _version1_quick_gelu(backbone: dict) -> bool:
+    """What version 1 built for ``quick_gelu=None``: the activation of the model's `openai` weights
+    (or of its tag), QuickGELU for the ViTs OpenAI released, else open_clip's GELU."""
+    cfg = BackboneCfg.from_dict(backbone)
+    tags = open_clip.list_pretrained_tags_by_model(cfg.name)
+    tag = str(cfg.pretrained).lower().replace("-", "_")
+    tag = tag if tag in tags else "openai"
+    return bool(open_clip.get_pretrained_cfg(cfg.name, tag).get("quick_gelu", False))
 
 
 def load_state(model, state: dict, path) -> None:
@@ -113,7 +138,25 @@ def map_official_keys(state: dict) -> dict:
     return out
 
 
+def official_config(**overrides) -> AdaCLIPConfig:
+    """The setting the official release files were trained in: the paper's defaults with exact GELU.
+    ``overrides``: config sections as dicts (``backbone={"pretrained": "/path/ViT-L-14-336px.pt"}``)."""
+    config = AdaCLIPConfig().to_dict()
+    for section, values in overrides.items():
+        if isinstance(values, dict) and isinstance(config.get(section), dict):
+            config[section] = {**config[section], **values}
+        else:
+            config[section] = values
+    if config["backbone"].get("quick_gelu") is None:
+        config["backbone"]["quick_gelu"] = False
+    return AdaCLIPConfig.from_dict(config)
+
+
 def load_official(model, path) -> None:
+    if model.cfg.backbone.quick_gelu:
+        warnings.warn(f"{path}: the official AdaCLIP files were trained on exact-GELU features (the reference "
+                      f"builds open_clip's plain config); this model runs QuickGELU (quick_gelu=True), so its "
+                      f"scores will differ from the paper's", UserWarning, stacklevel=3)
     obj = read(path)
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
