@@ -175,3 +175,71 @@ def test_aupro_can_be_skipped():
     (a, notes), (b, _) = fast.compute(), full.compute()
     assert math.isnan(a["pixel_aupro"]) and "not computed" in notes[0]
     assert a["pixel_auroc"] == b["pixel_auroc"]
+
+
+def cal_pro_score(masks, amaps, max_step=200, expect_fpr=0.3):
+    """zqhang/AnomalyCLIP metrics.py (after gudovskiy/cflow-ad), line by line; skimage's `label` and
+    `regionprops` (default full connectivity) written with scipy's 8-connected label."""
+    from sklearn.metrics import auc
+
+    binary_amaps = np.zeros_like(amaps, dtype=bool)
+    min_th, max_th = amaps.min(), amaps.max()
+    delta = (max_th - min_th) / max_step
+    pros, fprs, ths = [], [], []
+    for th in np.arange(min_th, max_th, delta):
+        binary_amaps[amaps <= th], binary_amaps[amaps > th] = 0, 1
+        pro = []
+        for binary_amap, mask in zip(binary_amaps, masks):
+            labelled, n = ndimage.label(mask, structure=np.ones((3, 3)))
+            for r in range(1, n + 1):
+                coords = np.argwhere(labelled == r)
+                tp_pixels = binary_amap[coords[:, 0], coords[:, 1]].sum()
+                pro.append(tp_pixels / len(coords))
+        inverse_masks = 1 - masks
+        fp_pixels = np.logical_and(inverse_masks, binary_amaps).sum()
+        fpr = fp_pixels / inverse_masks.sum()
+        pros.append(np.array(pro).mean())
+        fprs.append(fpr)
+        ths.append(th)
+    pros, fprs, ths = np.array(pros), np.array(fprs), np.array(ths)
+    idxes = fprs < expect_fpr
+    fprs = fprs[idxes]
+    fprs = (fprs - fprs.min()) / (fprs.max() - fprs.min())
+    return auc(fprs, pros[idxes])
+
+
+def _cflow(maps, masks, shards=1):
+    """`CflowAupro` as evaluation runs it: ``shards`` accumulators (ranks) agreeing on the thresholds."""
+    from adaclip.metrics import CflowAupro
+
+    parts = [CflowAupro() for _ in range(shards)]
+    for i, (s, m) in enumerate(zip(maps, masks)):
+        parts[i % shards].update(s, m)
+    extent = np.minimum.reduce([p.extent() for p in parts])
+    thresholds = parts[0].thresholds(extent)
+    counts = [sum(c) for c in zip(*(p.counts(thresholds) for p in parts))]
+    return parts[0].compute(thresholds, *counts)
+
+
+@pytest.mark.parametrize("seed, ties, shards", [(0, False, 1), (1, True, 1), (2, False, 3), (5, False, 2), (6, True, 2)])
+def test_cflow_aupro_equals_the_reference_computation(seed, ties, shards):
+    """AnomalyCLIP's and Crane's AUPRO (their published variant), on float32 maps as theirs are. With
+    ``ties``, scores span 0 to 200/256, so the thresholds are k/256 exactly, and every other pixel sits
+    on one: `map > th` must not count a score equal to its threshold."""
+    masks, maps = random_case(seed, n=5)
+    maps = [s.astype(np.float32) for s in maps]
+    if ties:
+        maps = [np.where(np.indices(s.shape).sum(0) % 2, s * 200 / 256, np.round(s * 200) / 256).astype(np.float32)
+                for s in maps]
+        maps[0][0, 0], maps[0][0, 1] = 0, 200 / 256
+    expected = cal_pro_score(np.stack(masks).astype(np.float32), np.stack(maps))
+    got, note = _cflow(maps, masks, shards)
+    assert note == "" and got == pytest.approx(expected, abs=1e-12)
+
+
+def test_cflow_aupro_undefined_cases_say_why():
+    mask = np.zeros((8, 8), np.uint8)
+    value, note = _cflow([np.full((8, 8), 0.5, np.float32)], [mask])
+    assert math.isnan(value) and "constant scores" in note
+    value, note = _cflow([np.random.default_rng(0).random((8, 8)).astype(np.float32)], [mask])
+    assert math.isnan(value) and "no anomalous regions" in note

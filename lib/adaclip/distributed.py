@@ -65,12 +65,21 @@ def default_device() -> torch.device:
 
 def sum_array(a: np.ndarray) -> np.ndarray:
     """Element-wise sum of ``a`` over the ranks (int64 sums are exact)."""
+    return _all_reduce(a, dist.ReduceOp.SUM if active() else None)
+
+
+def min_array(a: np.ndarray) -> np.ndarray:
+    """Element-wise minimum of ``a`` over the ranks."""
+    return _all_reduce(a, dist.ReduceOp.MIN if active() else None)
+
+
+def _all_reduce(a: np.ndarray, op) -> np.ndarray:
     if not active():
         return a
     t = torch.from_numpy(np.ascontiguousarray(a))
     if dist.get_backend() == "nccl":
         t = t.to(default_device())
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    dist.all_reduce(t, op=op)
     return t.cpu().numpy()
 
 

@@ -18,7 +18,7 @@ from .config import EvalCfg
 from .data import AnomalyDataset, check, read_manifests
 from .fewshot import FewShotMemory, draw_references, reference_list
 from .io import atomic_path, write_csv, write_json
-from .metrics import METRIC_KEYS, PixelAccumulator, image_metrics, mean_row, summarize
+from .metrics import METRIC_KEYS, CflowAupro, PixelAccumulator, image_metrics, mean_row, summarize
 from .runs import update_config, weights_note
 
 PathLike = Union[str, Path]
@@ -76,6 +76,7 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
     # one accumulator per category with pixel ground truth (none for image-level datasets)
     pixels = {key: PixelAccumulator(fpr_limit=cfg.aupro_fpr_limit, aupro=cfg.aupro)
               for key in dict.fromkeys((d, c) for d, c, m in zip(df.dataset, df.category, dataset.has_mask) if m)}
+    cflow = {key: CflowAupro(fpr_limit=cfg.aupro_fpr_limit) for key in pixels} if cfg.aupro_cflow else {}
     scores = np.zeros(len(df), np.float64)
     maps_dir = Path(run_dir) / "maps" if (run_dir and cfg.save_maps) else None
 
@@ -95,6 +96,8 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
             key = (df.at[i, "dataset"], df.at[i, "category"])
             if batch["has_mask"][j]:
                 pixels[key].update(maps[j], masks[j])
+                if cflow:
+                    cflow[key].update(maps[j], masks[j])
             if maps_dir is not None:
                 with atomic_path(maps_dir / f"{i:06d}.npz") as tmp:
                     with open(tmp, "wb") as f:
@@ -103,12 +106,14 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
     scores = distributed.sum_array(scores)               # each image was scored by exactly one rank
     for acc in pixels.values():
         acc.set_counts(*[distributed.sum_array(a) for a in acc.counts()])
+    cflow_values = {key: _cflow_aupro(acc) for key, acc in cflow.items()}
 
     rows, scored = [], df[["dataset", "category", "image", *(["crop"] if "crop" in df else []), "label"]].copy()
     scored["score"], scored["threshold"], scored["decision"] = scores, np.nan, pd.NA
     for key in keys:
         sel = (df.dataset == key[0]).values & (df.category == key[1]).values
-        m = summarize(df.label.values[sel], scores[sel], pixels.get(key))
+        m = summarize(df.label.values[sel], scores[sel], pixels.get(key),
+                      cflow_values.get(key, (np.nan, "pixel_aupro_cflow not computed (aupro_cflow=False)")))
         rows.append({"dataset": key[0], "category": key[1], "images": int(sel.sum()),
                      "anomalous": int(df.label.values[sel].sum()), **m})
         if np.isfinite(m["image_threshold"]):
@@ -127,6 +132,14 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
                       few_shot={"k_shot": cfg.k_shot, "seed": cfg.shot_seed, "references": reference_list(drawn)},
                       **weights_note(model))
     return EvalResult(metrics, scored, curves)
+
+
+def _cflow_aupro(acc: CflowAupro) -> tuple[float, str]:
+    """One category's cflow AUPRO over every rank's maps: shared thresholds, summed counts."""
+    thresholds = acc.thresholds(distributed.min_array(acc.extent()))
+    counts = [distributed.sum_array(a) for a in acc.counts(thresholds)]
+    acc.close()
+    return acc.compute(thresholds, *counts)
 
 
 def decision_thresholds(metrics: pd.DataFrame, scores: pd.DataFrame, pixels: dict) -> dict:

@@ -1,4 +1,5 @@
-"""Image and pixel metrics: AUROC, AP, F1-max, and AUPRO (MVTec AD's per-region overlap).
+"""Image and pixel metrics: AUROC, AP, F1-max, and AUPRO (MVTec AD's per-region overlap), plus the
+"cflow-style" AUPRO that AnomalyCLIP and Crane publish (`CflowAupro`, ``pixel_aupro_cflow``).
 
 Image level uses scikit-learn directly. Pixel level streams: each image's map is folded into
 fixed histograms over [0, 1] (``bins`` thresholds), so a whole dataset's maps never sit in memory
@@ -10,12 +11,13 @@ Undefined cases (one class only, no masks) give NaN with a reason in ``notes``, 
 from __future__ import annotations
 
 import math
+import tempfile
 from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 from scipy import ndimage
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score
 
 NAN = float("nan")
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=int)   # regions as in the MVTec AD evaluation code
@@ -175,6 +177,93 @@ def _partial_area(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
     return float(np.trapezoid(ys, xs))
 
 
+class CflowAupro:
+    """AUPRO as AnomalyCLIP (``metrics.py: cal_pro_score``, after gudovskiy/cflow-ad) and Crane compute
+    it, the variant behind their published AUPRO (ANOMALYCLIP_CRANE_AACLIP_SPEC.md, section 0):
+
+    1. thresholds ``np.arange(lo, hi, (hi - lo) / 200)`` between the smallest and largest score of all
+       maps of the category (``hi`` itself excluded; rounding can give 201);
+    2. per threshold, PRO = mean over all 8-connected regions of all masks of the fraction of the
+       region's pixels scored above it; FPR = normal pixels above it / normal pixels;
+    3. the thresholds with FPR < 0.3 are kept, their FPRs rescaled to [0, 1] by their own min and max,
+       and ``sklearn.metrics.auc(FPR, PRO)`` is the result (no interpolation at 0.3, no division by 0.3).
+
+    The thresholds depend on every map of the category, so `update` keeps the maps (in an anonymous
+    temporary file, not in memory) until `counts`. Per image, each pixel's number of thresholds below
+    it is one ``searchsorted``; region and false-positive counts per threshold are then weighted
+    bincounts, exact (the same float comparisons as ``map > th``). Shards of a run agree on the
+    thresholds from the global `extent` and add their `counts`.
+    """
+
+    def __init__(self, steps: int = 200, fpr_limit: float = 0.3):
+        self.steps, self.fpr_limit = steps, fpr_limit
+        self.lo, self.hi = math.inf, -math.inf
+        self._store = tempfile.TemporaryFile()
+        self._shapes: list[tuple[int, int]] = []
+
+    def update(self, anomaly_map: np.ndarray, mask: np.ndarray) -> None:
+        """One image: map (H, W), mask (H, W) in {0, 1}."""
+        anomaly_map = np.ascontiguousarray(anomaly_map, dtype=np.float32)
+        mask = np.asarray(mask) > 0
+        if anomaly_map.shape != mask.shape:
+            raise ValueError(f"map {anomaly_map.shape} and mask {mask.shape} differ in shape")
+        if anomaly_map.size:
+            self.lo, self.hi = min(self.lo, float(anomaly_map.min())), max(self.hi, float(anomaly_map.max()))
+        self._store.write(anomaly_map.tobytes())
+        self._store.write(np.packbits(mask).tobytes())
+        self._shapes.append(anomaly_map.shape)
+
+    def extent(self) -> np.ndarray:
+        """[lowest, -highest] score seen (both reduce with a minimum over shards)."""
+        return np.array([self.lo, -self.hi], np.float64)
+
+    def thresholds(self, extent: np.ndarray) -> np.ndarray:
+        """The reference's thresholds from a (global) `extent`, float64 as its ``np.arange`` gives them."""
+        lo, hi = np.float32(extent[0]), np.float32(-extent[1])
+        if not np.isfinite(lo) or not hi > lo:
+            return np.zeros(0)
+        return np.arange(lo, hi, (hi - lo) / self.steps)
+
+    def counts(self, thresholds: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Per threshold: the sum over regions of their hit fraction, and the false positives; then
+        [regions, normal pixels]. What shards of a run add up."""
+        T = len(thresholds)
+        pro, fp, totals = np.zeros(T + 1), np.zeros(T + 1, np.int64), np.zeros(2, np.int64)
+        self._store.seek(0)
+        for h, w in self._shapes:
+            values = np.frombuffer(self._store.read(4 * h * w), np.float32).reshape(h, w)
+            mask = np.unpackbits(np.frombuffer(self._store.read((h * w + 7) // 8), np.uint8), count=h * w)
+            mask = mask.reshape(h, w).astype(bool)
+            above = np.searchsorted(thresholds, values.astype(np.float64), side="left")   # thresholds < value
+            fp += np.bincount(above[~mask], minlength=T + 1)
+            totals[1] += int((~mask).sum())
+            if mask.any():
+                labelled, n = ndimage.label(mask, structure=_EIGHT_CONNECTED)
+                sizes = np.bincount(labelled.ravel())
+                inside = labelled > 0
+                pro += np.bincount(above[inside], weights=1.0 / sizes[labelled[inside]], minlength=T + 1)
+                totals[0] += n
+        # a pixel with k thresholds below it is predicted at thresholds 0..k-1: reversed cumulative sums
+        return np.cumsum(pro[::-1])[::-1][1:], np.cumsum(fp[::-1])[::-1][1:], totals
+
+    def compute(self, thresholds: np.ndarray, pro: np.ndarray, fp: np.ndarray, totals: np.ndarray) -> tuple[float, str]:
+        """The cflow AUPRO from (summed) `counts`, and a note when it is undefined."""
+        regions, normals = int(totals[0]), int(totals[1])
+        if len(thresholds) == 0 or regions == 0 or normals == 0:
+            return NAN, "pixel_aupro_cflow undefined: " + ("constant scores" if len(thresholds) == 0 else
+                                                           "no anomalous regions" if regions == 0 else "no normal pixels")
+        fpr, pros = fp / normals, pro / regions
+        kept = fpr < self.fpr_limit
+        fpr, pros = fpr[kept], pros[kept]
+        if len(fpr) < 2 or fpr.max() == fpr.min():
+            return NAN, "pixel_aupro_cflow undefined: fewer than two distinct FPRs below the limit (the reference divides by zero)"
+        fpr = (fpr - fpr.min()) / (fpr.max() - fpr.min())
+        return float(auc(fpr, pros)), ""
+
+    def close(self) -> None:
+        self._store.close()
+
+
 def mean_row(rows: list[dict], keys) -> dict:
     """Unweighted mean over categories, leaving undefined (NaN) values out; NaN if none defined."""
     out = {}
@@ -184,15 +273,19 @@ def mean_row(rows: list[dict], keys) -> dict:
     return out
 
 
-METRIC_KEYS = ("image_auroc", "image_ap", "image_f1", "pixel_auroc", "pixel_ap", "pixel_f1", "pixel_aupro")
+METRIC_KEYS = ("image_auroc", "image_ap", "image_f1", "pixel_auroc", "pixel_ap", "pixel_f1", "pixel_aupro",
+               "pixel_aupro_cflow")
 
 
-def summarize(labels, scores, pixels: Optional[PixelAccumulator]) -> dict:
-    """All metrics of one category, with a ``note`` column saying why any is undefined."""
+def summarize(labels, scores, pixels: Optional[PixelAccumulator], cflow: Optional[tuple[float, str]] = None) -> dict:
+    """All metrics of one category, with a ``note`` column saying why any is undefined. ``cflow``:
+    the category's `CflowAupro` value and note, when it was computed."""
     values, notes = image_metrics(labels, scores)
     if pixels is None:
         pixel_values = {**dict.fromkeys(METRIC_KEYS[3:], NAN), "pixel_threshold": NAN}
         pixel_notes = ["pixel metrics undefined: no pixel annotations"]
     else:
         pixel_values, pixel_notes = pixels.compute()
+        pixel_values["pixel_aupro_cflow"], note = cflow if cflow is not None else (NAN, "")
+        pixel_notes += [note] if note else []
     return {**values, **pixel_values, "note": "; ".join(notes + pixel_notes)}
