@@ -19,18 +19,24 @@ def _metrics(run, values: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _runs(tmp_path, weights=("random", "openai")) -> analysis.Runs:
+def _runs(tmp_path, weights=("random", "openai"), methods=("adaclip", "clip"), trained=("mvtec+colondb", "")) \
+        -> analysis.Runs:
+    """Run a (adaclip by default) evaluated on VisA (two categories) and HeadCT, run b (clip) too; each
+    metrics.csv ends with evaluation's overall "all" row, which is no dataset."""
     a = _metrics("a", {("visa", "capsules"): {"image_auroc": 0.8, "pixel_auroc": 0.90},
                        ("visa", "macaroni1"): {"image_auroc": 0.6, "pixel_auroc": 0.70},
-                       ("visa", "mean"): {"image_auroc": 0.7, "pixel_auroc": 0.80},
-                       ("headct", "headct"): {"image_auroc": 0.9}})
+                       ("visa", "mean"): {"image_auroc": 0.7, "pixel_auroc": 0.80, "pixel_aupro_cflow": 0.6},
+                       ("headct", "headct"): {"image_auroc": 0.9},
+                       ("all", "mean"): {"image_auroc": 0.77, "pixel_auroc": 0.8}})
     b = _metrics("b", {("visa", "mean"): {"image_auroc": 0.75, "pixel_auroc": 0.7},
-                       ("headct", "headct"): {"image_auroc": 0.5}})
-    for name, m, w in (("a", a, weights[0]), ("b", b, weights[1])):
+                       ("headct", "headct"): {"image_auroc": 0.5},
+                       ("all", "mean"): {"image_auroc": 0.6, "pixel_auroc": 0.7}})
+    for name, m, w, method, t in (("a", a, weights[0], methods[0], trained[0]), ("b", b, weights[1], methods[1], trained[1])):
         (tmp_path / name).mkdir()
         m.drop(columns="run").to_csv(tmp_path / name / "metrics.csv", index=False)
         (tmp_path / name / "config.json").write_text(json.dumps(
-            {"backbone_weights": w, "model": {"method": "adaclip" if name == "a" else "clip"}}))
+            {"backbone_weights": w, "model": {"method": method, "backbone": {"quick_gelu": method == "clip"}},
+             "trained_on": t}))
     return analysis.load_runs(tmp_path, ["a", "b"])
 
 
@@ -68,23 +74,83 @@ def test_best_value_is_bold_in_every_format(tmp_path):
 def test_published_numbers_ship_with_the_package():
     published = analysis.published_results()
     assert {"method", "dataset", "trained_on", "source", *METRIC_KEYS} <= set(published.columns)
+    assert len(published) == 147 and published.source.notna().all()
     row = published[(published.method == "AdaCLIP") & (published.dataset == "visa")].iloc[0]
     assert row.image_auroc == 85.8 and row.pixel_auroc == 95.5 and "Table 1" in row.source
+    # unquoted commas in AA-CLIP's source text stay in the source, not in other columns
+    aaclip = published[(published.method == "AA-CLIP") & (published.dataset == "mvtec")].iloc[0]
+    assert aaclip.image_auroc == 90.47 and aaclip.source.endswith("epoch 15; a re-run log, not the paper)")
+    # every published AUPRO is the cflow variant: filed under pixel_aupro_cflow, never pixel_aupro
+    crane = published[(published.method == "AdaCLIP") & published.source.str.startswith("Crane")]
+    assert crane.set_index("dataset").loc["visa", "pixel_aupro_cflow"] == 72.9
+    assert published.pixel_aupro.isna().all()
     if SHARED_PUBLISHED.is_file():
         assert analysis.PUBLISHED.read_text() == SHARED_PUBLISHED.read_text()
 
 
-def test_reproduction_table_puts_ours_beside_the_published_rows(tmp_path):
+def test_published_file_with_a_short_line_is_named(tmp_path):
+    bad = tmp_path / "results.csv"
+    bad.write_text(analysis.PUBLISHED.read_text().splitlines()[0] + "\nAdaCLIP,visa,mvtec,85.8\n")
+    with pytest.raises(ValueError, match=r"results.csv: line\(s\) \[2\]"):
+        analysis.published_results(bad)
+
+
+def test_reproduction_table_pairs_each_run_with_its_own_method(tmp_path):
     runs = _runs(tmp_path)
     table = analysis.reproduction_table(runs)
-    visa = table[(table.run == "a") & (table.dataset == "visa") & (table.metric == "image_auroc")].iloc[0]
-    assert visa.ours == pytest.approx(70.0) and visa.published == 85.8
-    assert visa.difference == pytest.approx(70.0 - 85.8) and visa.random_weights and "Table 1" in visa.source
-    headct_b = table[(table.run == "b") & (table.dataset == "headct")].set_index("metric")
-    assert headct_b.loc["image_auroc", "published"] == 91.4 and not headct_b.loc["image_auroc", "random_weights"]
-    assert set(table.metric) <= {"image_auroc", "pixel_auroc"}          # only what both report
+    a = table[table.run == "a"]
+    visa = a[(a.dataset == "visa") & (a.metric == "image_auroc")].set_index("source")
+    assert len(visa) == 2 and set(visa.published_method) == {"AdaCLIP"}         # every source of AdaCLIP's row
+    paper = visa.loc[[s for s in visa.index if s.startswith("AdaCLIP paper")][0]]
+    assert paper.ours == pytest.approx(70.0) and paper.published == 85.8
+    assert paper.difference == pytest.approx(70.0 - 85.8) and paper.random_weights and paper.same_training
+    # AUPRO pairs by variant: Crane's cflow cell with ours in pixel_aupro_cflow
+    cflow = a[(a.dataset == "visa") & (a.metric == "pixel_aupro_cflow")].iloc[0]
+    assert cflow.ours == pytest.approx(60.0) and cflow.published == 72.9 and cflow.source.startswith("Crane")
+    assert not (a.metric == "pixel_aupro").any()
+    # the clip baseline has no published numbers of its own: it says so, it is not set beside AdaCLIP's
+    b = table[table.run == "b"]
+    assert len(b) == 1 and b.published.isna().all() and "no published numbers for method 'clip'" in b.note.iloc[0]
+    assert "all" not in set(table.dataset.dropna())                           # the overall row is no dataset
     md = analysis.reproduction_markdown(table)
-    assert "70.0 †" in md and "random backbone weights" in md and "50.0 †" not in md
+    assert "70.0 †" in md and "random backbone weights" in md and "AUPRO (cflow)" in md
+    assert "`b` (clip): no published numbers for method 'clip'" in md
+
+
+def test_reproduction_table_marks_other_training_data(tmp_path):
+    runs = _runs(tmp_path, weights=("openai", "openai"), methods=("adaclip", "adaclip"), trained=("visa", "mvtec+colondb"))
+    table = analysis.reproduction_table(runs)
+    visa = table[(table.dataset == "visa") & (table.metric == "image_auroc")].set_index("run")
+    assert (visa.loc["a", "trained_on_ours"] == "visa").all() and (visa.loc["a", "trained_on_published"] == "mvtec+colondb").all()
+    assert not visa.loc["a", "same_training"].any() and visa.loc["b", "same_training"].all()
+    md = analysis.reproduction_markdown(table)
+    assert "visa / mvtec+colondb ≠" in md and "mvtec+colondb / mvtec+colondb ≠" not in md and "not like with like" in md
+    assert "†" not in md
+
+
+def test_paper_table_sets_each_run_beside_its_own_published_columns(tmp_path):
+    runs = _runs(tmp_path)
+    info = analysis.run_info(runs)
+    table = analysis.paper_table(runs.metrics, published=analysis.published_results(), info=info,
+                                 metrics_shown=["image_auroc", "pixel_aupro_cflow"])
+    assert list(table.index) == ["visa", "headct", "mean"]                    # no "all" row as a dataset
+    columns = list(table.columns)
+    assert columns[:3] == [("image_auroc", "a [mvtec+colondb]"), ("image_auroc", "AdaCLIP · AdaCLIP paper [mvtec+colondb]"),
+                           ("image_auroc", "AdaCLIP · Crane [mvtec+colondb]")]
+    assert columns[3] == ("image_auroc", "b [none (training-free)]")          # clip: no published columns
+    assert not any("b" == c[1].split(" ")[0] and "·" in c[1] for c in columns)
+    assert table.loc["visa", ("image_auroc", "AdaCLIP · AdaCLIP paper [mvtec+colondb]")] == 85.8
+    # a published mean only over the datasets the run's mean averages: both here
+    assert table.loc["mean", ("image_auroc", "AdaCLIP · AdaCLIP paper [mvtec+colondb]")] == pytest.approx((85.8 + 91.4) / 2)
+    assert ("pixel_aupro_cflow", "AdaCLIP · Crane [mvtec+colondb]") in columns
+    # other training data than the published model's: the column is marked
+    other = analysis.load_runs(tmp_path, ["a"])
+    other.configs["a"]["trained_on"] = "visa"
+    marked = analysis.paper_table(other.metrics, published=analysis.published_results(), info=analysis.run_info(other),
+                                  metrics_shown=["image_auroc"])
+    assert ("image_auroc", "AdaCLIP · AdaCLIP paper [mvtec+colondb] ≠") in list(marked.columns)
+    md = analysis.to_markdown(table)
+    assert "—" in md and "nan" not in md.lower()                              # undefined reads — everywhere
 
 
 def test_summary_has_tables_figures_weights_and_versions(tmp_path):
@@ -100,6 +166,10 @@ def test_summary_has_tables_figures_weights_and_versions(tmp_path):
     assert "![Curves](figures/curves.png)" in text and "(figures/curves.pdf)" in text
     assert "random backbone weights" in text and "| torch " in text and "open_clip_torch" in text
     assert "| a " in text and "adaclip" in text and "clip" in text
+    runs_table = text.split("## Runs")[1].split("##")[0]
+    assert "QuickGELU" in runs_table and "| GELU" in runs_table and "none (training-free)" in runs_table
+    b_row = next(line for line in runs_table.splitlines() if line.startswith("| b "))
+    assert b_row.count("—") == 2                                    # training-free: no epochs, no selected epoch
 
 
 def test_run_labels_and_missing_runs(tmp_path):

@@ -2,6 +2,7 @@
 import io
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -52,13 +53,16 @@ def test_explorer_callbacks(tmp_path):
     assert len(explorer.image.options) == 5 and all("macaroni1" in label for label, _ in explorer.image.options)
     assert explorer.class_name.value == "macaroni1"                           # the image's category fills the box
     calls = explorer.model_calls                     # each new image ran the model once (and drew it)
+    assert explorer.status.value.startswith("model run (")                    # the image just ran the model
     assert explorer.figure() is not None and explorer.model_calls == calls
     explorer.threshold.value = 0.2                                            # slider: redraw from the cache
     assert explorer.model_calls == calls and explorer.status.value == "from cache"
     explorer.class_name.value = "pasta with a crack"                          # free text: one new model run
-    assert explorer.model_calls == calls + 1 and explorer.status.value == "model run"
+    assert explorer.model_calls == calls + 1 and explorer.status.value.startswith("model run (")
     explorer.class_name.value = "macaroni1"
-    assert explorer.model_calls == calls + 1                                  # back to a cached pair
+    assert explorer.model_calls == calls + 1 and explorer.status.value == "from cache"   # back to a cached pair
+    explorer.label.value = "(all)"                   # the same image stays selected: its class name too
+    assert explorer.class_name.value == "macaroni1" and explorer.model_calls == calls + 1
     figures = explorer.step_figures()
     assert set(figures) == {"layers", "smoothing", "hsf"}
     assert [ax.get_title() for ax in figures["layers"].axes[:4]] == [f"layer {k}" for k in (1, 2, 3, 4)]
@@ -79,3 +83,52 @@ def test_upload_joins_the_list(tmp_path):
     view = explorer.figure()
     assert "'tomato'" in view.texts[0].get_text() and view.axes[3].texts[0].get_text() == "no ground truth"
     assert explorer.save().name == "04_explore_mine_tomato.png"
+
+
+def _overlapping_texts(fig) -> list:
+    """Pairs of visible texts (suptitle, axes titles, texts in axes) whose drawn boxes intersect."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    texts = [t for t in [fig._suptitle, *(a.title for a in fig.axes), *(t for a in fig.axes for t in a.texts)]
+             if t is not None and t.get_text() and t.get_visible()]
+    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts]
+    return [(a, b) for i, (a, p) in enumerate(boxes) for b, q in boxes[i + 1:] if p.overlaps(q)]
+
+
+def test_explorer_figure_fills_the_width_and_nothing_overlaps(tmp_path):
+    """The figure is as wide as a JupyterLab output area (1150 px at 100 dpi, the inline backend's);
+    a normal image (an empty ground truth) and an upload (none) with the two-line warning title."""
+    from adaclip import viz
+
+    df = build_manifest("visa", ROOT)
+    explorer = Explorer(_model(), df, ROOT, figures_dir=tmp_path, title=viz.RANDOM_WEIGHTS)
+    explorer.label.value = "normal"
+    fig = explorer.figure()
+    assert fig.get_size_inches()[0] * 100 == pytest.approx(1150)
+    assert fig.axes[3].get_title() == "ground truth" and "normal" in fig.axes[3].texts[0].get_text()
+    assert _overlapping_texts(fig) == []
+    buf = io.BytesIO()
+    Image.new("RGB", (60, 40), (200, 10, 10)).save(buf, format="PNG")
+    explorer.on_upload([{"name": "mine.png", "content": buf.getvalue()}])
+    fig = explorer.figure()
+    assert fig.axes[3].texts[0].get_text() == "no ground truth" and _overlapping_texts(fig) == []
+    for step in explorer.step_figures().values():
+        assert _overlapping_texts(step) == []
+
+
+def test_categories_follow_the_dataset_and_empty_selections_say_what_to_change(tmp_path):
+    df = pd.concat([build_manifest("visa", ROOT), build_manifest("kvasir", ROOT)], ignore_index=True)
+    explorer = Explorer(_model(), df, ROOT, figures_dir=tmp_path)
+    assert set(explorer.category.options) == {"(all)", "capsules", "macaroni1", "kvasir"}
+    explorer.dataset.value = "kvasir"
+    assert explorer.category.options == ("(all)", "kvasir")
+    assert all(label.startswith("kvasir/") for label, _ in explorer.image.options)
+    cleared = []
+    explorer.output.clear_output = lambda wait=False: cleared.append(wait)
+    explorer.label.value = "normal"                                           # Kvasir has no normal images
+    assert explorer.image.options == () and explorer.figure() is None
+    assert explorer.status.value == "no image matches dataset=kvasir, label=normal: change a filter or upload an image"
+    assert cleared and cleared[-1] is False          # cleared at once: the previous image's figure is gone
+    explorer.dataset.value = "visa"
+    assert set(explorer.category.options) == {"(all)", "capsules", "macaroni1"}
+    assert explorer.image.options and explorer.figure() is not None

@@ -31,6 +31,34 @@ def test_committed_without_outputs_and_with_parameters(path):
     assert list(pm.inspect_notebook(str(path))) == assigned
 
 
+def figure_cells_without_a_figure(executed: dict) -> list[str]:
+    """Code cells that save a figure (``viz.save``) but show none inline (no image/png output), unless
+    they say why there is no figure ("no figure: ..."). A cell's first line names it."""
+    missing = []
+    for cell in executed["cells"]:
+        source = "".join(cell["source"])
+        if cell["cell_type"] != "code" or "viz.save(" not in source:
+            continue
+        outputs = cell.get("outputs", [])
+        shown = any("image/png" in o.get("data", {}) for o in outputs)
+        explained = any("no figure:" in "".join(o.get("text", "")) for o in outputs)
+        if not (shown or explained):
+            missing.append(source.splitlines()[0])
+    return missing
+
+
+def png_widths(executed: dict, first_line: str) -> list[int]:
+    """Pixel widths of the PNG outputs of the cell that starts with ``first_line``."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    cell = next(c for c in executed["cells"] if "".join(c["source"]).startswith(first_line))
+    return [Image.open(io.BytesIO(base64.b64decode(o["data"]["image/png"]))).width
+            for o in cell["outputs"] if "image/png" in o.get("data", {})]
+
+
 def test_pipeline_runs_headless(tmp_path, capfd):
     """00 -> 01 -> 02, the clip baseline's 01 -> 02, then 03 comparing them, on the embedded sample
     with the tiny random backbone; kernels on IPC sockets, so no kernel warning reaches the log."""
@@ -41,6 +69,13 @@ def test_pipeline_runs_headless(tmp_path, capfd):
         executed = json.loads((run / nb.name if nb in NOTEBOOKS else nb).read_text())
         assert not executed["metadata"]["papermill"]["exception"]
         assert all(c["metadata"]["papermill"]["status"] == "completed" for c in executed["cells"] if c["cell_type"] == "code")
+        # every figure a cell saves is also shown where the user looks (inline in the executed copy)
+        assert figure_cells_without_a_figure(executed) == [], nb.name
+    analysed = json.loads((run / "03_analysis.ipynb").read_text())
+    shown = sum("image/png" in o.get("data", {}) for c in analysed["cells"] for o in c.get("outputs", []))
+    assert shown == len(list((run / "figures").glob("03_*.png")))                 # each saved figure, shown once
+    explored = json.loads((run / "04_explore.ipynb").read_text())
+    assert all(w >= 1000 for w in png_widths(explored, "fig = explorer.figure()"))  # fills a 1150 px output area
     metrics = pd.read_csv(run / "metrics.csv")
     assert {"visa", "glass", "headct", "kvasir"} <= set(metrics.dataset)
     config = json.loads((run / "config.json").read_text())

@@ -96,3 +96,28 @@ def test_every_figure_function(tmp_path):
     assert (tmp_path / "grid.pdf").is_file()
     assert figures["curves"].axes[2].texts[0].get_text() == "no pixel masks"
     assert len(figures["loss"].axes[0].lines) == 2                              # the training-free run has none
+
+
+def test_a_backend_loading_inside_the_paper_style_keeps_interactive_mode():
+    """Jupyter's inline backend loads with a kernel's first figure and switches interactive mode on as it
+    loads; if that happens inside the style's rc_context, restoring the rc must not switch it off again
+    (later figures would not show inline)."""
+    import matplotlib
+
+    was = matplotlib.is_interactive()
+    try:
+        matplotlib.interactive(False)
+        with viz.paper_style():
+            matplotlib.interactive(True)                     # the backend loading
+            assert matplotlib.rcParams["font.size"] == 8
+        assert matplotlib.is_interactive() and matplotlib.rcParams["font.size"] != 8
+        with viz.paper_style():
+            pass
+        assert matplotlib.is_interactive()
+        matplotlib.interactive(False)
+        with pytest.raises(RuntimeError), viz.paper_style():
+            matplotlib.interactive(True)
+            raise RuntimeError("a figure that fails")
+        assert matplotlib.is_interactive()
+    finally:
+        matplotlib.interactive(was)

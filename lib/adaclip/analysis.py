@@ -10,7 +10,9 @@ Everything here reads run folders (``config.json``, ``metrics.csv``, ``scores.cs
 """
 from __future__ import annotations
 
+import csv
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -19,6 +21,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from .config import activation_name
 from .io import atomic_path, write_csv
 from .metrics import METRIC_KEYS
 from .runs import RANDOM_WEIGHTS, environment
@@ -26,7 +29,16 @@ from .runs import RANDOM_WEIGHTS, environment
 PathLike = Union[str, Path]
 PUBLISHED = Path(__file__).parent / "published" / "results.csv"
 METRIC_NAMES = {"image_auroc": "I-AUROC", "image_ap": "I-AP", "image_f1": "I-F1max", "pixel_auroc": "P-AUROC",
-                "pixel_ap": "P-AP", "pixel_f1": "P-F1max", "pixel_aupro": "AUPRO"}
+                "pixel_ap": "P-AP", "pixel_f1": "P-F1max", "pixel_aupro": "AUPRO", "pixel_aupro_cflow": "AUPRO (cflow)"}
+# a run's method (config.json "model.method") -> its name in published/results.csv; a method missing here
+# (the `clip` and `linear` baselines) has no published numbers of its own and is compared with none
+PUBLISHED_NAMES = {"adaclip": "AdaCLIP", "aprilgan": "APRIL-GAN", "winclip": "WinCLIP", "anomalyclip": "AnomalyCLIP",
+                   "crane": "Crane", "aaclip": "AA-CLIP"}
+# sources whose AUPRO is the cflow-style variant (published/README.md): filed under pixel_aupro_cflow
+CFLOW_AUPRO_SOURCES = ("Crane (arXiv 2504.11055)", "AnomalyCLIP paper")
+UNDEFINED = "—"                          # how an undefined (NaN) value reads, in tables and in text alike
+TRAINING_FREE = "none (training-free)"
+MISMATCH = "≠"                          # published model trained on other auxiliary data than ours
 
 
 @dataclass
@@ -65,17 +77,30 @@ def load_runs(results_dir: PathLike, runs: Sequence[str]) -> Runs:
     return Runs(configs, cat(metrics), cat(scores), cat(curves), logs)
 
 
+def trained_on(config: dict) -> Optional[str]:
+    """The auxiliary datasets a run's model learned from ("mvtec+colondb"), "" for a training-free
+    method, None when the run does not record it (older runs)."""
+    return config.get("trained_on")
+
+
+def trained_on_text(value: Optional[str]) -> str:
+    return "unknown" if value is None else (value or TRAINING_FREE)
+
+
 def describe(config: dict) -> dict:
-    """The settings that tell runs apart: method, backbone, weights, prompts, HSF."""
+    """The settings that tell runs apart: method, backbone, activation, weights, training data, prompts, HSF."""
     model = config.get("model", {})
     prompts, fusion, backbone = model.get("prompts", {}), model.get("fusion", {}), model.get("backbone", {})
     method = model.get("method", "adaclip")
+    free = trained_on(config) == "" or str(config.get("selection", "")).startswith("none")
     return {"method": method, "backbone": f'{backbone.get("name")} @ {backbone.get("image_size")}',
-            "weights": config.get("backbone_weights"),
+            "activation": activation_name(backbone.get("quick_gelu")), "weights": config.get("backbone_weights"),
+            "trained_on": trained_on_text(trained_on(config)),
             "prompts": (f'{prompts.get("type")} / {prompts.get("branch")} / J={prompts.get("depth")} / '
                         f'L={prompts.get("length")}') if method == "adaclip" and prompts.get("branch") else "none",
-            "hsf": bool(fusion.get("use_hsf")), "epochs": (config.get("train") or {}).get("epochs"),
-            "selected_epoch": config.get("selected_epoch")}
+            "hsf": bool(fusion.get("use_hsf")),
+            "epochs": UNDEFINED if free else (config.get("train") or {}).get("epochs", UNDEFINED),
+            "selected_epoch": UNDEFINED if free or config.get("selected_epoch") is None else config["selected_epoch"]}
 
 
 def run_labels(runs: Runs) -> dict:
@@ -90,6 +115,18 @@ def run_labels(runs: Runs) -> dict:
     while all(len(p) > common + 1 for p in parts) and len({p[common] for p in parts}) == 1:
         common += 1
     return {n: "/".join(p[common:]) for n, p in zip(names, parts)}
+
+
+def run_info(runs: Runs, labels: Optional[dict] = None) -> pd.DataFrame:
+    """Per run (indexed by its label): run, method, the method's published name (None without one),
+    trained_on as recorded (None unknown, "" training-free) and as it reads."""
+    labels = labels or {r: r for r in runs.configs}
+    rows = []
+    for run, config in runs.configs.items():
+        method = describe(config)["method"]
+        rows.append({"label": labels[run], "run": run, "method": method, "published_method": PUBLISHED_NAMES.get(method),
+                     "trained_on": trained_on(config), "trained_on_text": trained_on_text(trained_on(config))})
+    return pd.DataFrame(rows).set_index("label")
 
 
 def qualitative_examples(runs: Runs, results_dir: PathLike, n: int = 3) -> dict:
@@ -145,21 +182,78 @@ def dataset_rows(metrics: pd.DataFrame) -> pd.DataFrame:
 
 
 def paper_table(metrics: pd.DataFrame, columns: str = "run", metrics_shown: Sequence[str] = METRIC_KEYS,
-                percent: bool = True) -> pd.DataFrame:
+                percent: bool = True, published: Optional[pd.DataFrame] = None,
+                info: Optional[pd.DataFrame] = None) -> pd.DataFrame:
     """Rows = datasets (+ an unweighted mean over them), columns = (metric, ``columns`` value).
 
     ``columns`` names the column that tells runs apart ("run", or a sweep's "config_id"). Values
     in percent as papers print them; undefined metrics stay NaN (blank when written).
+    With ``info`` (`run_info`, indexed by the ``columns`` values) each run's column is labelled with its
+    training data, "label [trained_on]"; with ``published`` (`published_results`) too, each is followed
+    by the published columns of its own method, one per source paper, "Method · paper [trained_on]",
+    marked ≠ where that model learned from other data than the run. A published mean is shown only
+    when the source covers every dataset the run's mean averages (like with like).
     """
     per = dataset_rows(metrics) if "category" in metrics else metrics
-    long = per.melt(id_vars=["dataset", columns], value_vars=list(metrics_shown), var_name="metric")
+    shown = [m for m in metrics_shown if m in per]
+    long = per.melt(id_vars=["dataset", columns], value_vars=shown, var_name="metric")
     table = long.pivot_table(index="dataset", columns=["metric", columns], values="value", dropna=False,
                              sort=False)
-    table = table.reindex(columns=pd.MultiIndex.from_product(
-        [list(metrics_shown), list(dict.fromkeys(per[columns]))], names=["metric", columns]))
-    table = table.dropna(axis=1, how="all")
+    names = list(dict.fromkeys(per[columns]))
+    table = table.reindex(columns=pd.MultiIndex.from_product([shown, names], names=["metric", columns]))
     table.loc["mean"] = table.mean(axis=0, skipna=True)
-    return table * 100 if percent else table
+    table = table * 100 if percent else table
+    if info is not None:
+        table = _with_published(table, shown, names, published, info)
+    return table.dropna(axis=1, how="all")
+
+
+def _with_published(table: pd.DataFrame, shown: Sequence[str], names: list, published: Optional[pd.DataFrame],
+                    info: pd.DataFrame) -> pd.DataFrame:
+    """`paper_table`'s columns with the published ones: per metric, each run, then its method's sources."""
+    datasets = [d for d in table.index if d != "mean"]
+    columns = {}
+    for metric in shown:
+        for name in names:
+            mine = info.loc[name]
+            ours = table[(metric, name)]
+            columns[(metric, f"{name} [{mine.trained_on_text}]")] = ours
+            defined = ours.drop("mean").notna()
+            for label, values in _published_columns(published, mine, datasets, metric) if published is not None else ():
+                like = defined.any() and values[defined].notna().all()      # the datasets our mean averages
+                columns[(metric, label)] = pd.concat([values, pd.Series({"mean": values[defined].mean() if like
+                                                                         else np.nan})])
+    result = pd.DataFrame(columns, index=table.index)
+    result.columns = pd.MultiIndex.from_tuples(result.columns, names=table.columns.names)
+    return result
+
+
+def _published_columns(published: pd.DataFrame, mine: pd.Series, datasets: list, metric: str):
+    """(label, values per dataset) for each source paper of the run's method that reports ``metric``."""
+    pub = published[(published.method == mine.published_method) & published.dataset.isin(datasets)]
+    pub = pub.dropna(subset=[metric])
+    for paper, rows in pub.groupby(pub.source.map(source_paper), sort=False):
+        trained = sorted(set(rows.trained_on.fillna("")))
+        label = f"{mine.published_method} · {paper} [{' / '.join(trained_on_text(t) for t in trained)}]"
+        label += f" {MISMATCH}" if trained != [mine.trained_on] else ""
+        yield label, rows.drop_duplicates("dataset").set_index("dataset")[metric].reindex(datasets)
+
+
+def beside_published(metrics: pd.DataFrame, info: pd.DataFrame, published: pd.DataFrame,
+                     columns: str = "run") -> dict:
+    """{metric: `paper_table` of that metric alone} for each metric that some run's method has published
+    numbers for: the compact layout of a paper (datasets x methods), ours beside theirs."""
+    table = paper_table(metrics, columns, published=published, info=info)
+    own = {f"{name} [{row.trained_on_text}]" for name, row in info.iterrows()}
+    return {metric: table[[metric]] for metric in dict.fromkeys(table.columns.get_level_values(0))
+            if set(table[metric].columns) - own}
+
+
+def source_paper(source: str) -> str:
+    """The paper (or file) of a published row's source, without tables and remarks:
+    "AdaCLIP paper Table 1 (reference ...)" -> "AdaCLIP paper", "Crane (arXiv 2504.11055) Table 1" -> "Crane"."""
+    plain = re.sub(r"\s*\([^)]*\)", "", source).strip()
+    return re.split(r"\s+Table\b", plain)[0].strip()
 
 
 def config_table(metrics: pd.DataFrame, rows: str = "run", metrics_shown: Sequence[str] = METRIC_KEYS,
@@ -190,22 +284,29 @@ def _flat_columns(table: pd.DataFrame) -> list[str]:
 
 
 def to_markdown(table: pd.DataFrame, digits: int = 1) -> str:
-    """Markdown with the best values in bold and undefined ones blank."""
+    """Markdown with the best values in bold and undefined ones as —."""
     bold = best_cells(table)
     cells = table.copy().astype(object)
     for c in range(table.shape[1]):
         for r in range(table.shape[0]):
             v = table.iat[r, c]
-            text = "" if pd.isna(v) else f"{v:.{digits}f}"
-            cells.iat[r, c] = f"**{text}**" if text and bold.iat[r, c] else text
+            text = UNDEFINED if pd.isna(v) else f"{v:.{digits}f}"
+            cells.iat[r, c] = f"**{text}**" if not pd.isna(v) and bold.iat[r, c] else text
     cells.columns = _flat_columns(table)
     return cells.to_markdown(disable_numparse=True, stralign="right")
 
 
-def to_latex(table: pd.DataFrame, digits: int = 1, caption: str = "") -> str:
-    """A LaTeX tabular (pandas Styler, booktabs rules), best values in \\textbf, NaN blank."""
+def styled(table: pd.DataFrame, digits: int = 1):
+    """The table as a notebook shows it: best values in bold, undefined ones as —, as in the Markdown."""
     bold = best_cells(table)
-    styler = table.style.format(precision=digits, na_rep="").apply(
+    return table.style.format(precision=digits, na_rep=UNDEFINED).apply(
+        lambda _: np.where(bold, "font-weight: bold;", ""), axis=None)
+
+
+def to_latex(table: pd.DataFrame, digits: int = 1, caption: str = "") -> str:
+    """A LaTeX tabular (pandas Styler, booktabs rules), best values in \\textbf, undefined ones as ---."""
+    bold = best_cells(table)
+    styler = table.style.format(precision=digits, na_rep="---").apply(
         lambda _: np.where(bold, "font-weight: bold;", ""), axis=None)
     if isinstance(table.columns, pd.MultiIndex):
         styler = styler.format_index(lambda m: METRIC_NAMES.get(m, m), axis=1, level=0)
@@ -226,51 +327,115 @@ def write_table(table: pd.DataFrame, stem: PathLike, digits: int = 1, caption: s
 
 
 def published_results(path: PathLike = PUBLISHED) -> pd.DataFrame:
-    """The published numbers (percent), one row per method and dataset, with their source."""
-    return pd.read_csv(path)
+    """The published numbers (percent), one row per method, dataset and source.
+
+    ``source`` is the last column and free text: a line with more fields than the header keeps the
+    rest of the line as its source (six rows of the reference table have unquoted commas there).
+    Cflow-style AUPRO cells (`CFLOW_AUPRO_SOURCES`) move to ``pixel_aupro_cflow``, so that they pair
+    with evaluation's ``pixel_aupro_cflow`` and never with MVTec AD's ``pixel_aupro``.
+    """
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader)
+        if header[-1] != "source":
+            raise ValueError(f"{path}: the last column must be 'source', got header {header}")
+        rows = [r[:len(header) - 1] + [",".join(r[len(header) - 1:])] for r in reader if r]
+    short = [i + 2 for i, r in enumerate(rows) if len(r) < len(header)]
+    if short:
+        raise ValueError(f"{path}: line(s) {short} have fewer than the header's {len(header)} fields")
+    df = pd.DataFrame(rows, columns=header)
+    numeric = [c for c in header if c not in ("method", "dataset", "trained_on", "source")]
+    df[numeric] = df[numeric].replace("", np.nan).astype(float)
+    cflow = df.source.str.startswith(CFLOW_AUPRO_SOURCES)
+    df["pixel_aupro_cflow"] = df.pixel_aupro.where(cflow)
+    df.loc[cflow, "pixel_aupro"] = np.nan
+    return df
 
 
-def reproduction_table(runs: Runs, published: Optional[pd.DataFrame] = None, method: str = "AdaCLIP",
+REPRODUCTION_COLUMNS = ["run", "method", "dataset", "metric", "ours", "published", "difference", "published_method",
+                        "trained_on_ours", "trained_on_published", "same_training", "random_weights", "source", "note"]
+
+
+def reproduction_table(runs: Runs, published: Optional[pd.DataFrame] = None,
                        metrics_shown: Sequence[str] = METRIC_KEYS) -> pd.DataFrame:
-    """Our runs beside the published rows of ``method`` for the same dataset and metric.
-
-    One row per run, dataset and metric that both report: ours and published in percent, the
-    difference, the published source, and whether ours came from random backbone weights (then the
-    difference says nothing about the method).
+    """Each run beside every published row of its own method (`PUBLISHED_NAMES`) for the datasets it
+    evaluated: one row per run, dataset, metric and source, ours and published in percent, the
+    difference, which data each model learned from (``same_training`` False: not like with like), and
+    whether ours came from random backbone weights (then the difference says nothing about the method).
+    AUPRO pairs by variant: published cflow cells are ``pixel_aupro_cflow``. A run whose method has no
+    published numbers, or none for its datasets, gets one row that says so in ``note``.
     """
     published = published_results() if published is None else published
-    pub = published[published.method == method].melt(id_vars=["method", "dataset", "trained_on", "source"],
-                                                     value_vars=list(metrics_shown), var_name="metric",
-                                                     value_name="published").dropna(subset=["published"])
-    ours = dataset_rows(runs.metrics).melt(id_vars=["run", "dataset"], value_vars=list(metrics_shown),
-                                           var_name="metric", value_name="ours").dropna(subset=["ours"])
+    per = dataset_rows(runs.metrics)
+    shown = [m for m in metrics_shown if m in per and m in published]
+    ours = per.melt(id_vars=["run", "dataset"], value_vars=shown, var_name="metric", value_name="ours")
     ours["ours"] *= 100
-    table = ours.merge(pub, on=["dataset", "metric"], how="inner")
-    table["difference"] = table["ours"] - table["published"]
-    table["random_weights"] = table.run.map(lambda r: runs.configs.get(r, {}).get("backbone_weights") == "random")
-    columns = ["run", "dataset", "metric", "ours", "published", "difference", "random_weights", "trained_on", "source"]
-    return table[columns].reset_index(drop=True)
+    frames = []
+    for run, config in runs.configs.items():
+        method = describe(config)["method"]
+        name, mine = PUBLISHED_NAMES.get(method), ours[ours.run == run].drop(columns="run")
+        random = config.get("backbone_weights") == "random"
+        pub = published[(published.method == name) & published.dataset.isin(mine.dataset)] if name else published.iloc[:0]
+        long = pub.melt(id_vars=["method", "dataset", "trained_on", "source"], value_vars=shown, var_name="metric",
+                        value_name="published").dropna(subset=["published"])
+        if long.empty:
+            note = (f"no published numbers for method {method!r}: not compared" if name is None else
+                    f"no published {name} numbers for {', '.join(dict.fromkeys(mine.dataset))}")
+            frames.append(pd.DataFrame([{"run": run, "method": method, "random_weights": random, "note": note}]))
+            continue
+        t = long.rename(columns={"method": "published_method", "trained_on": "trained_on_published"}).merge(
+            mine, on=["dataset", "metric"], how="left")
+        ours_trained = trained_on(config)
+        t = t.assign(run=run, method=method, difference=t.ours - t.published, trained_on_ours=ours_trained,
+                     random_weights=random, same_training=t.trained_on_published.fillna("") == ours_trained,
+                     note=np.where(t.ours.isna(), "ours undefined or not computed", ""))
+        frames.append(t)
+    table = pd.concat(frames, ignore_index=True).reindex(columns=REPRODUCTION_COLUMNS)
+    order = {m: i for i, m in enumerate(metrics_shown)}
+    return table.sort_values(["metric", "dataset", "run"], key=lambda c: c.map(order) if c.name == "metric" else c,
+                             kind="stable").reset_index(drop=True)
 
 
 def reproduction_markdown(table: pd.DataFrame) -> str:
-    """The reproduction table for summary.md; cells from random weights carry a dagger."""
-    if table.empty:
-        return "_No dataset of these runs has published numbers to compare with._"
-    shown = table.assign(metric=table.metric.map(lambda m: METRIC_NAMES.get(m, m)))
-    mark = np.where(shown.random_weights, " †", "")
-    shown["ours"] = [f"{v:.1f}{m}" for v, m in zip(shown.ours, mark)]
-    shown["difference"] = [f"{v:+.1f}{m}" for v, m in zip(shown.difference, mark)]
-    shown["published"] = shown.published.map(lambda v: f"{v:.1f}")
-    text = shown.drop(columns=["random_weights"]).to_markdown(index=False, disable_numparse=True)
-    if table.random_weights.any():
-        text += f"\n\n† {RANDOM_WEIGHTS}."
-    return text
+    """The reproduction table for summary.md: ours, published, difference, the training data of both
+    (≠ where they differ), the source; † marks cells from random weights; runs without published
+    numbers are listed below it."""
+    compared = table[table.published.notna()]
+    lines = []
+    if not compared.empty:
+        shown = pd.DataFrame({"run": compared.run, "dataset": compared.dataset,
+                              "metric": compared.metric.map(lambda m: METRIC_NAMES.get(m, m))})
+        dagger = np.where(compared.random_weights.astype(bool), " †", "")
+        shown["ours"] = [UNDEFINED if pd.isna(v) else f"{v:.1f}{m}" for v, m in zip(compared.ours, dagger)]
+        shown["published"] = compared.published.map(lambda v: f"{v:.1f}")
+        shown["difference"] = [UNDEFINED if pd.isna(v) else f"{v:+.1f}{m}" for v, m in zip(compared.difference, dagger)]
+        shown["trained on (ours / published)"] = [
+            f"{trained_on_text(o)} / {trained_on_text(p or '')}" + ("" if same else f" {MISMATCH}")
+            for o, p, same in zip(compared.trained_on_ours, compared.trained_on_published.fillna(""),
+                                  compared.same_training)]
+        shown["source"] = compared.source.values
+        lines.append(shown.to_markdown(index=False, disable_numparse=True))
+        notes = []
+        if compared.random_weights.astype(bool).any():
+            notes.append(f"† {RANDOM_WEIGHTS}.")
+        if not compared.same_training.astype(bool).all():
+            notes.append(f"{MISMATCH} the published model learned from other auxiliary data than ours: "
+                         "the difference is not like with like.")
+        if compared.metric.eq("pixel_aupro_cflow").any():
+            notes.append("AUPRO (cflow): the variant AnomalyCLIP and Crane publish (200 score thresholds, "
+                         "rescaled false-positive rates), computed the same way for ours.")
+        lines += ["", " ".join(notes)] if notes else []
+    alone = table[table.published.isna() & table.note.fillna("").str.startswith("no published")]
+    if not alone.empty:
+        lines += ["", *[f"- `{r.run}` ({r.method}): {r.note}." for r in alone.itertuples()]]
+    return "\n".join(lines).strip() or "_No run has published numbers to compare with._"
 
 
-def write_summary(path: PathLike, runs: Runs, tables: dict, figures: dict, title: str = "AdaCLIP analysis") -> Path:
-    """``summary.md``: the runs, every table in Markdown, every figure linked (relative paths), whether
+def summary_markdown(runs: Runs, tables: dict, figures: dict, title: str = "AdaCLIP analysis",
+                     base: Optional[PathLike] = None, with_figures: bool = True) -> str:
+    """The text of ``summary.md``: the runs, every table in Markdown, every figure linked (relative to
+    ``base``; ``with_figures=False`` only counts them, for a notebook that shows them already), whether
     real or random backbone weights were used, and the package versions."""
-    path = Path(path)
     lines = [f"# {title}", ""]
     if runs.random_weights:
         lines += [f"> **Warning:** at least one run used {RANDOM_WEIGHTS}.", ""]
@@ -279,16 +444,24 @@ def write_summary(path: PathLike, runs: Runs, tables: dict, figures: dict, title
     for name, table in tables.items():
         text = table if isinstance(table, str) else to_markdown(table)
         lines += [f"## {name}", "", text, ""]
-    if figures:
+    if figures and with_figures:
         lines += ["## Figures", ""]
         for name, fig_path in figures.items():
-            rel = Path(fig_path).relative_to(path.parent) if Path(fig_path).is_relative_to(path.parent) else fig_path
-            pdf = Path(rel).with_suffix(".pdf")
-            lines += [f"### {name}", "", f"![{name}]({Path(rel).as_posix()})", "", f"[PDF]({pdf.as_posix()})", ""]
+            rel = Path(fig_path)
+            if base is not None and rel.is_relative_to(base):
+                rel = rel.relative_to(base)
+            lines += [f"### {name}", "", f"![{name}]({rel.as_posix()})", "", f"[PDF]({rel.with_suffix('.pdf').as_posix()})", ""]
+    elif figures:
+        lines += ["## Figures", "", f"{len(figures)} figure(s), shown above and linked in summary.md.", ""]
     env = environment()
     lines += ["## Environment", "", f"Python {env['python']} on {env['platform']}, device {env['device']}.", "",
               pd.Series(env["packages"], name="version").rename_axis("package").to_frame().to_markdown(), ""]
-    with atomic_path(path) as tmp:
-        tmp.write_text("\n".join(lines))
-    return path
+    return "\n".join(lines)
 
+
+def write_summary(path: PathLike, runs: Runs, tables: dict, figures: dict, title: str = "AdaCLIP analysis") -> Path:
+    """``summary.md`` (`summary_markdown`), written atomically; figures linked relative to its folder."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(summary_markdown(runs, tables, figures, title, base=path.parent))
+    return path

@@ -106,7 +106,8 @@ def _evaluate(args) -> int:
     model = _load_model(args).to(distributed.default_device())
     rows = read_manifests([resolve_manifest(m) for m in args.test])
     test = rows[rows.split == args.test_split].reset_index(drop=True) if args.test_split else rows
-    cfg = EvalCfg(batch_size=args.batch_size, save_maps=args.save_maps, k_shot=args.k_shot, shot_seed=args.shot_seed)
+    cfg = EvalCfg(batch_size=args.batch_size, save_maps=args.save_maps, k_shot=args.k_shot, shot_seed=args.shot_seed,
+                  aupro_cflow=not args.no_aupro_cflow)
     result = evaluate(model, test, resolve_root(args.root), cfg, run_dir=results_root() / args.run, references=rows)
     if distributed.is_main():
         print(result.metrics.round(4).to_string(index=False))
@@ -304,6 +305,8 @@ def main(argv=None) -> int:
                    help="results/<run>/ (under torchrun write --run-name: torchrun takes --run for its --run-path)")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--save-maps", action="store_true")
+    e.add_argument("--no-aupro-cflow", action="store_true",
+                   help="skip the cflow-style AUPRO (the variant AnomalyCLIP and Crane publish)")
     e.add_argument("--test-split", default="test", help="rows of this split are evaluated ('' for all)")
     e.add_argument("--k-shot", type=int, default=0, help="few-shot: normal references per category from the "
                                                           "manifests' train split (0: zero-shot)")

@@ -35,6 +35,11 @@ class _DictMixin:
         return cls(**kwargs)
 
 
+def activation_name(quick_gelu: Optional[bool]) -> str:
+    """How a recorded ``quick_gelu`` reads in tables."""
+    return {True: "QuickGELU", False: "GELU"}.get(quick_gelu, "unrecorded")
+
+
 @dataclass
 class BackboneCfg(_DictMixin):
     name: str = "ViT-L-14-336"                     # any open_clip ViT model name

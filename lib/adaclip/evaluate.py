@@ -130,7 +130,7 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
         update_config(run_dir, model=model.cfg.to_dict(), evaluation=cfg.to_dict(),
                       test_manifests=df.attrs.get("paths"), test_root=str(data_root),
                       few_shot={"k_shot": cfg.k_shot, "seed": cfg.shot_seed, "references": reference_list(drawn)},
-                      **weights_note(model))
+                      trained_on=model.trained_on, **weights_note(model))
     return EvalResult(metrics, scored, curves)
 
 

@@ -12,7 +12,9 @@ redraws without rerunning the model. Every callback is a plain method, testable 
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -80,6 +82,8 @@ class Explorer:
         self.cache: dict = {}                  # (image key, class name) -> Inspection
         self._images: dict = {}                # image key -> (image, ground truth), read once
         self.model_calls = 0
+        self.last_source = ""                  # how the shown inspection came: "model run (... s)" or "from cache"
+        self._quiet = False                    # True while a callback sets a widget it redraws after itself
         self.uploads: dict = {}                # name -> PIL image
         opts = lambda col: [ALL, *sorted(self.df[col].astype(str).unique())]  # noqa: E731
         self.dataset = w.Dropdown(options=opts("dataset"), description="dataset")
@@ -94,10 +98,11 @@ class Explorer:
         self.output, self.steps_output, self.status = w.Output(), w.Output(), w.HTML()
         self.steps = w.Accordion(children=[self.steps_output], selected_index=None)
         self.steps.set_title(0, "step through the method")
-        for f in (self.dataset, self.category, self.label):
-            f.observe(lambda _: self.on_filter(), names="value")
-        self.image.observe(lambda _: self.on_image(), names="value")
-        self.class_name.observe(lambda _: self.refresh(), names="value")
+        self.dataset.observe(lambda _: self.on_dataset(), names="value")
+        for f in (self.category, self.label):
+            f.observe(lambda _: self._quiet or self.on_filter(), names="value")
+        self.image.observe(lambda _: self._quiet or self.on_image(), names="value")
+        self.class_name.observe(lambda _: self._quiet or self.refresh(), names="value")
         self.threshold.observe(lambda _: self.refresh(), names="value")
         self.upload.observe(lambda change: self.on_upload(change["new"]), names="value")
         self.save_button.on_click(lambda _: self.save())
@@ -115,22 +120,46 @@ class Explorer:
             df = df[df.label == (1 if self.label.value == "anomalous" else 0)]
         return df
 
+    def on_dataset(self) -> None:
+        """A new dataset: the category list offers that dataset's categories only."""
+        rows = self.df if self.dataset.value == ALL else self.df[self.df.dataset.astype(str) == self.dataset.value]
+        options = [ALL, *sorted(rows.category.astype(str).unique())]
+        with self._silently():
+            keep = self.category.value if self.category.value in options else ALL
+            self.category.options = options
+            self.category.value = keep
+        self.on_filter()
+
     def on_filter(self) -> None:
         """New filter values: the image list shows the matching rows (and the uploads)."""
         rows = self.filtered()
         options = [(f"upload: {name}", f"upload:{name}") for name in self.uploads]
         options += [(f"{r.dataset}/{r.category}: {r.image}" + (" (anomalous)" if r.label else ""), f"row:{i}")
                     for i, r in rows.iterrows()]
-        self.image.options = options
-        if options and self.image.value not in [v for _, v in options]:
-            self.image.value = options[0][1]
+        before = self.image.value
+        value = before if before in [v for _, v in options] else (options[0][1] if options else None)
+        with self._silently():
+            self.image.options = options
+            self.image.value = value
+        if value != before or value is None:       # the same image stays as it is (its class name too)
+            self.on_image()
 
     def on_image(self) -> None:
-        """A new image: its category fills the class-name box (any free text works there)."""
+        """A new image: its category fills the class-name box (any free text works there); one redraw."""
         key = self.image.value
         if key and key.startswith("row:"):
-            self.class_name.value = str(self.df.at[int(key[4:]), "category"])
+            with self._silently():
+                self.class_name.value = str(self.df.at[int(key[4:]), "category"])
         self.refresh()
+
+    @contextlib.contextmanager
+    def _silently(self):
+        """Set widgets without their observers redrawing (the caller redraws once, afterwards)."""
+        quiet, self._quiet = self._quiet, True
+        try:
+            yield
+        finally:
+            self._quiet = quiet
 
     def on_upload(self, value) -> None:
         """An uploaded file joins the image list and is selected."""
@@ -149,9 +178,13 @@ class Explorer:
         if not key or not name:
             return None, None
         image, mask = self._image(key)
-        if (key, name) not in self.cache:
+        if (key, name) in self.cache:
+            self.last_source = "from cache"
+        else:
+            start = time.perf_counter()
             self.model_calls += 1
             self.cache[(key, name)] = inspect(self.model, image, name)
+            self.last_source = f"model run ({time.perf_counter() - start:.2f} s)"
         return self.cache[(key, name)], mask
 
     def _image(self, key: str) -> tuple[Image.Image, Optional[np.ndarray]]:
@@ -161,7 +194,8 @@ class Explorer:
         if key not in self._images:
             row = self.df.loc[int(key[4:])]
             image, mask = load_row(self.root, row)
-            self._images[key] = (image, mask if row["mask"] else None)
+            # a normal image has no anomalous pixels, annotated or not; an anomalous one without a mask has no ground truth
+            self._images[key] = (image, mask if row["mask"] or row.label == 0 else None)
         return self._images[key]
 
     # ---------------------------------------------------------------- drawing
@@ -182,25 +216,36 @@ class Explorer:
             figures["hsf"] = viz.hsf_figure(found)
         return figures
 
+    def empty_reason(self) -> str:
+        """Why there is nothing to draw, and what to change; "" when there is something."""
+        if not self.image.value:
+            filters = ", ".join(f"{w.description}={w.value}" for w in (self.dataset, self.category, self.label)
+                                if w.value != ALL)
+            return (f"no image matches {filters}: change a filter or upload an image" if filters else
+                    "no images: give manifests or upload an image")
+        if not self.class_name.value.strip():
+            return "type a class name (any words: the prompts take them)"
+        return ""
+
     def refresh(self) -> None:
         """Redraw into the widgets' output areas (the model runs only for a new image or class name)."""
         import matplotlib.pyplot as plt
         from IPython.display import display
 
-        calls = self.model_calls
-        fig = self.figure()
+        reason = self.empty_reason()
+        fig = None if reason else self.figure()
         with self.output:
-            self.output.clear_output(wait=True)
+            self.output.clear_output(wait=fig is not None)   # nothing to draw: clear at once, no stale figure
             if fig is not None:
                 display(fig)
                 plt.close(fig)
         if self.steps.selected_index == 0:
             with self.steps_output:
-                self.steps_output.clear_output(wait=True)
+                self.steps_output.clear_output(wait=fig is not None)
                 for f in self.step_figures().values():
                     display(f)
                     plt.close(f)
-        self.status.value = ("model run" if self.model_calls > calls else "from cache") if fig is not None else ""
+        self.status.value = reason or self.last_source
 
     def save(self) -> Optional[Path]:
         """Save the current view (PNG and PDF) under ``figures_dir``; returns the PNG path."""

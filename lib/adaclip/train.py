@@ -95,8 +95,11 @@ def train(model_cfg: Union[AdaCLIPConfig, dict], train_cfg: Union[TrainCfg, dict
     seed_everything(cfg.seed)
     model = AdaCLIP(model_cfg).to(device)
     model.checkpoint_activations = cfg.checkpoint_activations
+    # the auxiliary datasets, as the published tables name them ("mvtec+colondb"); "" when nothing is learned
+    model.trained_on = "+".join(dict.fromkeys(train_df.dataset.astype(str))) if model.learnable_parameters() else ""
     what_ran = dict(model=model_cfg.to_dict(), train=cfg.to_dict(), train_manifests=_sources(train_manifests),
-                    test_manifests=_sources(test_manifests), data_root=str(data_root), **weights_note(model))
+                    test_manifests=_sources(test_manifests), data_root=str(data_root), trained_on=model.trained_on,
+                    **weights_note(model))
     if not model.learnable_parameters():           # a training-free baseline ("clip"): a run like any other
         if main:
             run_dir.mkdir(parents=True, exist_ok=True)

@@ -5,9 +5,11 @@ figure saved here is readable where it is printed; `save` writes PNG and PDF.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -21,6 +23,27 @@ RANDOM_WEIGHTS = runs.RANDOM_WEIGHTS   # the figure title of random-weight runs
 COLUMN, PAGE = 3.5, 7.2               # figure widths in inches: one column, a whole page
 PAPER_STYLE = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "legend.fontsize": 7,
                "xtick.labelsize": 7, "ytick.labelsize": 7, "legend.title_fontsize": 7}
+# the explorer draws for a screen: as wide as a JupyterLab output area (about 1150 px at the inline
+# backend's 100 dpi), with text sized for it
+SCREEN_WIDTH = 11.5
+SCREEN_STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "figure.titlesize": 13}
+
+
+@contextlib.contextmanager
+def paper_style(rc: dict = PAPER_STYLE):
+    """``rc`` (`PAPER_STYLE`) for the figures drawn inside. Interactive mode stays as the block leaves it:
+    Jupyter's inline backend loads with the first figure of a kernel and switches interactive mode on
+    as it loads; a plain ``rc_context`` around that first figure would switch it off again on exit,
+    and no later figure of the kernel would show inline."""
+    interactive = matplotlib.is_interactive()
+    try:
+        with plt.rc_context(rc):
+            try:
+                yield
+            finally:
+                interactive = matplotlib.is_interactive()
+    finally:
+        matplotlib.interactive(interactive)
 
 
 def overlay(ax, image: np.ndarray, mask: Optional[np.ndarray] = None, heat: Optional[np.ndarray] = None,
@@ -127,7 +150,7 @@ def score_distributions(scores: pd.DataFrame, title: str = "") -> Figure:
     """Image-score histograms of normal vs anomalous images, one panel per dataset."""
     data = scores.assign(state=scores.label.map({0: "normal", 1: "anomalous"}))
     names = list(dict.fromkeys(data.dataset))
-    with plt.rc_context(PAPER_STYLE):
+    with paper_style():
         fig, axes = plt.subplots(1, len(names), figsize=(min(PAGE, 2.0 * len(names) + 0.4), 2.0), squeeze=False)
         for i, (ax, name) in enumerate(zip(axes[0], names)):
             last = i == len(names) - 1
@@ -151,7 +174,7 @@ def curves(scores: pd.DataFrame, pixel_curves: pd.DataFrame, dataset: str, by: s
     value (runs or sweep configurations). Pixel curves pool the dataset's categories."""
     from sklearn.metrics import auc, precision_recall_curve, roc_curve
 
-    with plt.rc_context(PAPER_STYLE):
+    with paper_style():
         fig, axes = plt.subplots(2, 2, figsize=(COLUMN * 1.6, COLUMN * 1.5))
         img = scores[scores.dataset == dataset] if len(scores) else scores
         for name, g in (img.groupby(by, sort=False) if len(img) else []):
@@ -193,7 +216,7 @@ def ablation_bars(table: pd.DataFrame, parameter: str, metric: str = "pixel_auro
     the baseline's value as a dashed reference line. ``table``: dataset-level rows of a sweep."""
     data = table.dropna(subset=[metric]).assign(value=lambda d: d[metric] * 100,
                                                 **{parameter: lambda d: d[parameter].astype(str)})
-    with plt.rc_context(PAPER_STYLE):
+    with paper_style():
         fig, ax = plt.subplots(figsize=(COLUMN, 2.2))
         sns.barplot(data=data, x=parameter, y="value", hue="dataset", ax=ax, errorbar=None)
         if baseline is not None and np.isfinite(baseline):
@@ -214,7 +237,7 @@ def qualitative_grid(images: Sequence[np.ndarray], masks: Sequence[Optional[np.n
     name -> list of (H, W) maps in [0, 1] for the same images), with a shared colour bar."""
     names = list(maps)
     n, cols = len(images), 2 + len(names)
-    with plt.rc_context(PAPER_STYLE):
+    with paper_style():
         fig, axes = plt.subplots(n, cols, figsize=(min(PAGE, 1.25 * cols + 0.5), 1.25 * n + 0.3), squeeze=False)
         heat = None
         for i in range(n):
@@ -237,7 +260,7 @@ def qualitative_grid(images: Sequence[np.ndarray], masks: Sequence[Optional[np.n
 
 def loss_curves(logs: dict, title: str = "") -> Figure:
     """Training loss (running mean over an epoch's steps) of several runs or sweep configurations."""
-    with plt.rc_context(PAPER_STYLE):
+    with paper_style():
         fig, ax = plt.subplots(figsize=(COLUMN, 2.2))
         for name, log in logs.items():
             if len(log):
@@ -257,11 +280,15 @@ def loss_curves(logs: dict, title: str = "") -> Figure:
 
 def explorer_view(found, threshold: float, mask: Optional[np.ndarray] = None, title: str = "") -> Figure:
     """One image (an `explore.Inspection`): image, anomaly-map overlay, mask at ``threshold``, ground
-    truth; the image score and the decision at ``threshold`` in the title."""
+    truth; the image score and the decision at ``threshold`` in the title. As wide as the notebook."""
     decision = "anomalous" if found.score >= threshold else "normal"
-    with plt.rc_context(PAPER_STYLE):
-        fig, axes = plt.subplots(1, 4, figsize=(PAGE, 2.2))
+    h, w = found.image.shape[:2]
+    panel = (SCREEN_WIDTH - 1.0) / 4                         # four panels beside the colour bar, in inches
+    with paper_style(SCREEN_STYLE):
+        fig, axes = plt.subplots(1, 4, figsize=(SCREEN_WIDTH, panel * h / w + (1.3 if title else 1.0)),
+                                 layout="constrained")
         overlay(axes[0], found.image, title="image")
+        axes[0].title.set_fontsize(SCREEN_STYLE["axes.titlesize"])
         axes[1].imshow(found.image)
         heat = axes[1].imshow(found.anomaly_map, cmap="jet", alpha=0.5, vmin=0, vmax=1)
         axes[1].set_title("anomaly map")
@@ -270,36 +297,45 @@ def explorer_view(found, threshold: float, mask: Optional[np.ndarray] = None, ti
         axes[2].set_title(f"map >= {threshold:.2f}")
         if mask is not None:
             axes[3].imshow(mask, cmap="gray", vmin=0, vmax=1)
-        else:
-            axes[3].text(0.5, 0.5, "no ground truth", ha="center", va="center", color="grey")
+            if not mask.any():
+                axes[3].text(0.5, 0.5, "normal: no anomalous pixels", ha="center", va="center", color="lightgrey",
+                             transform=axes[3].transAxes)
+        else:                                                # same frame as the other panels, text inside it
+            axes[3].imshow(np.ones(found.image.shape[:2]), cmap="gray", vmin=0, vmax=1)
+            axes[3].text(0.5, 0.5, "no ground truth", ha="center", va="center", color="grey",
+                         transform=axes[3].transAxes)
         axes[3].set_title("ground truth")
         for ax in axes[2:]:                                  # framed: white masks on a white page
             ax.set_xticks([])
             ax.set_yticks([])
         fig.colorbar(heat, ax=axes, fraction=0.02, pad=0.01, label="anomaly score")
         fig.suptitle(f"'{found.class_name}': image score {found.score:.3f} -> {decision} at {threshold:.2f}"
-                     + (f"\n{title}" if title else ""), fontsize=8, color="darkred" if decision == "anomalous" else "black")
+                     + (f"\n{title}" if title else ""), color="darkred" if decision == "anomalous" else "black")
     return fig
 
 
 def layer_maps_figure(found) -> Figure:
     """Each output layer's P(abnormal) map before the layers are averaged, on a shared colour bar."""
     n = len(found.layer_maps)
-    with plt.rc_context(PAPER_STYLE):
-        fig, axes = plt.subplots(1, n, figsize=(min(PAGE, 1.7 * n + 0.6), 1.9), squeeze=False)
+    with paper_style(SCREEN_STYLE):
+        h, w = found.image.shape[:2]
+        fig, axes = plt.subplots(1, n, figsize=(SCREEN_WIDTH, (SCREEN_WIDTH - 1.0) / n * h / w + 0.9), squeeze=False,
+                                 layout="constrained")
         for ax, layer, m in zip(axes[0], found.out_layers, found.layer_maps):
             heat = ax.imshow(m, cmap="jet", vmin=0, vmax=1)
             ax.set_title(f"layer {layer}")
             ax.axis("off")
         fig.colorbar(heat, ax=axes, fraction=0.02, pad=0.01, label="P(abnormal)")
-        fig.suptitle("per-layer maps (then their logits are averaged)", fontsize=8)
+        fig.suptitle("per-layer maps (then their logits are averaged)")
     return fig
 
 
 def smoothing_figure(found) -> Figure:
     """The averaged map before and after the Gaussian smoothing (sigma 4, as the reference)."""
-    with plt.rc_context(PAPER_STYLE):
-        fig, axes = plt.subplots(1, 2, figsize=(COLUMN, 1.9))
+    with paper_style(SCREEN_STYLE):
+        h, w = found.image.shape[:2]
+        fig, axes = plt.subplots(1, 2, figsize=(SCREEN_WIDTH * 0.6, (SCREEN_WIDTH * 0.6 - 1.0) / 2 * h / w + 0.6),
+                                 layout="constrained")
         for ax, m, name in zip(axes, (found.raw_map, found.anomaly_map), ("before smoothing", "after smoothing")):
             heat = ax.imshow(m, cmap="jet", vmin=0, vmax=1)
             ax.set_title(name)
@@ -316,12 +352,13 @@ def hsf_figure(found) -> Figure:
     ph, pw = h / found.grid, w / found.grid
     k = int(found.hsf_clusters.max()) + 1
     colours = plt.get_cmap("tab20", max(k, 1))
-    with plt.rc_context(PAPER_STYLE):
-        fig, ax = plt.subplots(figsize=(COLUMN * 0.8, COLUMN * 0.8 * h / w))
+    with paper_style(SCREEN_STYLE):
+        side = SCREEN_WIDTH * 0.4
+        fig, ax = plt.subplots(figsize=(side, side * h / w + 0.5), layout="constrained")
         ax.imshow(found.image)
         for index, cluster in zip(found.hsf_patches, found.hsf_clusters):
             r, c = divmod(int(index), found.grid)
-            ax.add_patch(Rectangle((c * pw, r * ph), pw, ph, fill=False, lw=1.2, edgecolor=colours(int(cluster))))
+            ax.add_patch(Rectangle((c * pw, r * ph), pw, ph, fill=False, lw=1.5, edgecolor=colours(int(cluster))))
         ax.set_title(f"HSF: {len(found.hsf_patches)} patches, {k} clusters")
         ax.axis("off")
     return fig

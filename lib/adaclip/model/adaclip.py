@@ -90,6 +90,8 @@ class AdaCLIP(nn.Module):
         self.checkpoint_activations = False
         self._frozen_text: dict[tuple, torch.Tensor] = {}  # text features of an unprompted text tower
         self.random_weights = cfg.backbone.pretrained is None
+        # the auxiliary datasets it learned from ("mvtec+colondb"), "" when it learns nothing, None unknown
+        self.trained_on: Optional[str] = None if self.learnable_parameters() else ""
 
     # ---------------------------------------------------------------- construction / io
     @classmethod

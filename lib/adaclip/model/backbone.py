@@ -20,7 +20,7 @@ import torch.utils.checkpoint
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
 
-from ..config import BackboneCfg
+from ..config import BackboneCfg, activation_name
 
 log = logging.getLogger(__name__)
 
@@ -73,18 +73,12 @@ def config_quick_gelu(name: str) -> bool:
 
 
 def weights_quick_gelu(cfg: BackboneCfg) -> bool:
-    """The activation the configured weights were trained with: the tag's own, or OpenAI's QuickGELU
-    for a file (or a random init) of a model that OpenAI released."""
+    """The activation the configured weights were trained with: the tag's own; OpenAI's QuickGELU for
+    a file or a random init (CLIP as OpenAI built it)."""
     tag = _known_tag(cfg)
     if tag:
         return bool(open_clip.get_pretrained_cfg(cfg.name, tag).get("quick_gelu", False))
-    if "openai" in open_clip.list_pretrained_tags_by_model(cfg.name):
-        return True
-    return config_quick_gelu(cfg.name)
-
-
-def activation_name(quick_gelu: Optional[bool]) -> str:
-    return {True: "QuickGELU", False: "GELU"}.get(quick_gelu, "unrecorded")
+    return True
 
 
 def _clean_tag(tag: str) -> str:

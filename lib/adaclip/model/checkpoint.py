@@ -55,7 +55,8 @@ class CheckpointError(ValueError):
 
 def save(path: Union[str, Path], model, **extra) -> None:
     state = {k: v.detach().cpu().clone() for k, v in model.learnable_state_dict().items()}
-    payload = {"format": FORMAT, "version": VERSION, "config": model.cfg.to_dict(), "state_dict": state, **extra}
+    payload = {"format": FORMAT, "version": VERSION, "config": model.cfg.to_dict(), "state_dict": state,
+               "trained_on": model.trained_on, **extra}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
@@ -91,6 +92,7 @@ def load(cls, path, map_location="cpu", **backbone_overrides):
     cfg.backbone.__post_init__()
     model = cls(cfg)
     load_state(model, obj["state_dict"], path)
+    model.trained_on = obj.get("trained_on")
     return model.to(map_location) if map_location else model
 
 
@@ -138,6 +140,11 @@ def map_official_keys(state: dict) -> dict:
     return out
 
 
+# what each release file learned from (the reference's README and train.py commands)
+OFFICIAL_TRAINED_ON = {"pretrained_mvtec_colondb": "mvtec+colondb", "pretrained_visa_clinicdb": "visa+clinicdb",
+                       "pretrained_all": "all 14 datasets"}
+
+
 def official_config(**overrides) -> AdaCLIPConfig:
     """The setting the official release files were trained in: the paper's defaults with exact GELU.
     ``overrides``: config sections as dicts (``backbone={"pretrained": "/path/ViT-L-14-336px.pt"}``)."""
@@ -163,3 +170,4 @@ def load_official(model, path) -> None:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} is not a state dict of tensors")
     load_state(model, map_official_keys(obj), path)
+    model.trained_on = OFFICIAL_TRAINED_ON.get(Path(path).stem)
