@@ -63,6 +63,8 @@ def test_explorer_callbacks(tmp_path):
     assert explorer.model_calls == calls + 1 and explorer.status.value == "from cache"   # back to a cached pair
     explorer.label.value = "(all)"                   # the same image stays selected: its class name too
     assert explorer.class_name.value == "macaroni1" and explorer.model_calls == calls + 1
+    explorer.steps.selected_index = 0                                         # open "step through the method"
+    assert len(explorer.steps_output.outputs) == 3 and explorer.model_calls == calls + 1
     figures = explorer.step_figures()
     assert set(figures) == {"layers", "smoothing", "hsf"}
     assert [ax.get_title() for ax in figures["layers"].axes[:4]] == [f"layer {k}" for k in (1, 2, 3, 4)]
@@ -123,12 +125,11 @@ def test_categories_follow_the_dataset_and_empty_selections_say_what_to_change(t
     explorer.dataset.value = "kvasir"
     assert explorer.category.options == ("(all)", "kvasir")
     assert all(label.startswith("kvasir/") for label, _ in explorer.image.options)
-    cleared = []
-    explorer.output.clear_output = lambda wait=False: cleared.append(wait)
+    assert [list(o["data"]) for o in explorer.output.outputs] == [["image/png", "text/plain"]]   # drawn
     explorer.label.value = "normal"                                           # Kvasir has no normal images
     assert explorer.image.options == () and explorer.figure() is None
     assert explorer.status.value == "no image matches dataset=kvasir, label=normal: change a filter or upload an image"
-    assert cleared and cleared[-1] is False          # cleared at once: the previous image's figure is gone
+    assert explorer.output.outputs == ()                                      # the previous figure is gone
     explorer.dataset.value = "visa"
     assert set(explorer.category.options) == {"(all)", "capsules", "macaroni1"}
     assert explorer.image.options and explorer.figure() is not None

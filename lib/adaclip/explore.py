@@ -70,6 +70,25 @@ def inspect(model, image: Image.Image, class_name: str) -> Inspection:
         hsf_clusters=d["hsf_clusters"][0].cpu().numpy() if "hsf_clusters" in d else None)
 
 
+def show(output, figures: list) -> None:
+    """Replace what an ipywidgets ``Output`` shows by ``figures`` (PNG, 100 dpi, as the inline backend
+    draws), in one update, and close them. The outputs are set directly instead of captured with
+    ``with output: display(...)``: capturing re-routes the kernel's messages by request id, which
+    papermill's client mishandles now and then, leaving a headless cell waiting forever."""
+    import base64
+
+    import matplotlib.pyplot as plt
+
+    shown = []
+    for fig in figures:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        shown.append({"output_type": "display_data", "metadata": {},
+                      "data": {"image/png": base64.b64encode(buf.getvalue()).decode("ascii"), "text/plain": repr(fig)}})
+    output.outputs = tuple(shown)
+
+
 class Explorer:
     """Widgets around `inspect`. ``manifest``: rows to pick from (paths relative to ``root``)."""
 
@@ -229,22 +248,11 @@ class Explorer:
 
     def refresh(self) -> None:
         """Redraw into the widgets' output areas (the model runs only for a new image or class name)."""
-        import matplotlib.pyplot as plt
-        from IPython.display import display
-
         reason = self.empty_reason()
         fig = None if reason else self.figure()
-        with self.output:
-            self.output.clear_output(wait=fig is not None)   # nothing to draw: clear at once, no stale figure
-            if fig is not None:
-                display(fig)
-                plt.close(fig)
+        show(self.output, [fig] if fig is not None else [])      # nothing to draw: no stale figure either
         if self.steps.selected_index == 0:
-            with self.steps_output:
-                self.steps_output.clear_output(wait=fig is not None)
-                for f in self.step_figures().values():
-                    display(f)
-                    plt.close(f)
+            show(self.steps_output, list(self.step_figures().values()) if fig is not None else [])
         self.status.value = reason or self.last_source
 
     def save(self) -> Optional[Path]:

@@ -40,6 +40,18 @@ class IPCKernelManager(AsyncKernelManager):
     def _default_ip(self):
         return os.path.join(_socket_dir(), "kernel")
 
+    async def _async_launch_kernel(self, kernel_cmd, **kw):
+        # figures inline in the executed copies, whatever backend the caller's environment names
+        # (MPLBACKEND=Agg would leave every figure cell of results/<run>/*.ipynb without its figure)
+        kw["env"] = {**(kw.get("env") or os.environ), "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
+        return await super()._async_launch_kernel(kernel_cmd, **kw)
+
+    @default("shutdown_wait_time")
+    def _default_shutdown_wait_time(self):
+        # a kernel that frees a model takes a few seconds to exit on a busy machine; the default 5 s
+        # ends in an interrupt and "KeyboardInterrupt caught in kernel" in the log
+        return 30.0
+
 
 @functools.lru_cache(maxsize=None)
 def _socket_dir() -> str:
