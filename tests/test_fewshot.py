@@ -2,17 +2,20 @@
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 
 from adaclip import AdaCLIP, AdaCLIPConfig, EvalCfg
-from adaclip.data import AnomalyDataset, build_manifest
+from adaclip.data import AnomalyDataset, build_manifest, read_manifests
+from adaclip.data.registry import resolve_manifest, resolve_root
 from adaclip.data.synthetic import make_synthetic
 from adaclip.evaluate import evaluate
 from adaclip.fewshot import FewShotMemory, draw_references
 from adaclip.model.fusion import gaussian_blur
 from adaclip.pipeline import check_parameters
+from adaclip.sweep import run_sweep
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +139,26 @@ def test_category_without_normal_training_images_is_named(synthetic):
         draw_references(df, test, 9)
 
 
-def test_k_shot_is_a_notebook_parameter_and_a_sweep_axis():
+def test_k_shot_is_a_notebook_parameter_and_a_sweep_axis(tmp_path):
+    """A sweep configuration's k_shot and shot_seed reach notebook 02's evaluation: its run is the
+    few-shot evaluation of its model with those references (listed in config.json)."""
     check_parameters({"k_shot": 2, "shot_seed": 1})
     with pytest.raises(ValueError, match=">= 0"):
         EvalCfg(k_shot=-1)
+    spec = {"base": {"data_root": "sample", "train_manifests": ["sample/mvtec.csv"], "test_manifests": ["sample/visa.csv"],
+                     "backbone": "adaclip-tiny", "pretrained": None, "image_size": 32, "method": "clip",
+                     "n_examples": 1, "save_maps": False, "batch_size": 8},
+            "configs": [{"k_shot": 2, "shot_seed": 1}]}
+    table = run_sweep(spec, "shots", results_dir=tmp_path)
+    assert (table.status == "done").all(), table[["config_id", "status", "error"]]
+    assert (table.k_shot == 2).all() and (table.shot_seed == 1).all()
+    run = tmp_path / "shots" / "k_shot=2,shot_seed=1"
+    few_shot = json.loads((run / "config.json").read_text())["few_shot"]
+    rows = read_manifests([resolve_manifest("sample/visa.csv")])
+    test = rows[rows.split == "test"].reset_index(drop=True)
+    drawn = draw_references(rows, test, 2, 1)
+    assert few_shot["k_shot"] == 2 and few_shot["seed"] == 1
+    assert few_shot["references"] == {f"{d}/{c}": list(r.image) for (d, c), r in drawn.items()}
+    expected = evaluate(AdaCLIP.load(run / "model.pt"), test, resolve_root("sample"),
+                        EvalCfg(batch_size=8, k_shot=2, shot_seed=1), progress=False, references=rows).scores
+    np.testing.assert_allclose(pd.read_csv(run / "scores.csv").score, expected.score, rtol=0, atol=1e-6)
