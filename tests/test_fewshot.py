@@ -145,9 +145,9 @@ def test_k_shot_is_a_notebook_parameter_and_a_sweep_axis(tmp_path):
     check_parameters({"k_shot": 2, "shot_seed": 1})
     with pytest.raises(ValueError, match=">= 0"):
         EvalCfg(k_shot=-1)
-    spec = {"base": {"data_root": "sample", "train_manifests": ["sample/mvtec.csv"], "test_manifests": ["sample/visa.csv"],
-                     "backbone": "adaclip-tiny", "pretrained": None, "image_size": 32, "method": "clip",
-                     "n_examples": 1, "save_maps": False, "batch_size": 8},
+    spec = {"base": {"data_root": "sample", "train_manifests": ["sample/mvtec.csv"],
+                     "test_manifests": ["sample/visa.csv"], "backbone": "adaclip-tiny", "pretrained": None,
+                     "image_size": 32, "method": "clip", "n_examples": 1, "save_maps": False, "batch_size": 8},
             "configs": [{"k_shot": 2, "shot_seed": 1}]}
     table = run_sweep(spec, "shots", results_dir=tmp_path)
     assert (table.status == "done").all(), table[["config_id", "status", "error"]]

@@ -1,7 +1,6 @@
 """The packed text pass (shared prefix, cached layer 0, no padding) equals the plain one."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from adaclip import AdaCLIP, AdaCLIPConfig, PromptCfg
 from adaclip.model import text_packing
