@@ -1,11 +1,16 @@
 """torch.distributed on the CPU (gloo): two processes started by torchrun, tiny model.
 
 Evaluation sharded over ranks equals one process; one step of 2 ranks x batch 1 equals one step at
-batch 2; an interrupted distributed training resumes to the uninterrupted result.
+batch 2; an interrupted distributed training resumes to the uninterrupted result; rank 0 alone
+writes the run files; each epoch shuffles the shards anew; a rank that never reaches a collective
+makes the others fail after ADACLIP_DIST_TIMEOUT.
 """
+import json
 import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,14 +24,78 @@ TINY = ["--backbone", "adaclip-tiny", "--pretrained", "none", "--image-size", "3
         "--prompt-length", "2", "--k-clusters", "3"]
 
 
-def torchrun(args, results, nproc=2, timeout=300):
-    """`torchrun --nproc-per-node 2 -m adaclip.cli ARGS` with run folders under ``results``."""
+# `adaclip.cli` with every file each rank writes under the results folder listed in
+# <ADACLIP_WRITES_DIR>/rank<R>.txt: files opened for writing and the targets of renames (atomic
+# writes), seen through Python's audit hooks, whatever code path writes them
+AUDITED_CLI = """
+import os, re, sys
+results = os.path.realpath(os.environ["ADACLIP_RESULTS_DIR"])
+log = open(os.path.join(os.environ["ADACLIP_WRITES_DIR"], "rank" + os.environ["RANK"] + ".txt"), "w")
+temporary = re.compile(r"^[.].*[.]tmp$")                     # io.atomic_path's files, renamed to their target
+
+def note(path):
+    if isinstance(path, (str, bytes, os.PathLike)):
+        path = os.path.realpath(os.fsdecode(path))
+        if path.startswith(results + os.sep) and not temporary.match(os.path.basename(path)):
+            log.write(os.path.relpath(path, results) + "\\n")
+            log.flush()
+
+def hook(event, args):
+    if event == "open":
+        path, mode, flags = args
+        if (any(c in mode for c in "wax+") if isinstance(mode, str) else flags & (os.O_WRONLY | os.O_RDWR)):
+            note(path)
+    elif event == "os.rename":
+        note(args[1])
+
+sys.addaudithook(hook)
+from adaclip import cli
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def torchrun(args, results, nproc=2, timeout=300, writes=None):
+    """`torchrun --nproc-per-node 2 -m adaclip.cli ARGS` with run folders under ``results``.
+    ``writes``: a folder; then returns {rank: set of the files it wrote, relative to ``results``}."""
     env = {**os.environ, "ADACLIP_RESULTS_DIR": str(results), "OMP_NUM_THREADS": "1", "ADACLIP_DIST_TIMEOUT": "120"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           "-m", "adaclip.cli", *args]
+    entry = ["-m", "adaclip.cli"]
+    if writes is not None:
+        Path(writes).mkdir(parents=True, exist_ok=True)
+        (Path(writes) / "audited_cli.py").write_text(AUDITED_CLI)
+        env["ADACLIP_WRITES_DIR"] = str(writes)
+        entry = [str(Path(writes) / "audited_cli.py")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *entry, *args]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    return done
+    if writes is None:
+        return done
+    return {r: set((Path(writes) / f"rank{r}.txt").read_text().split()) for r in range(nproc)}
+
+
+def run_script(folder, body, env, timeout):
+    """torchrun (2 ranks) on the script ``body`` (written into ``folder``); returns (exit code, output),
+    the code None when the job outlived ``timeout``: then it is killed, its ranks too (torchrun starts
+    each in a session of its own, so each rank notes its pid first)."""
+    script, output = Path(folder) / "script.py", Path(folder) / "output.txt"
+    script.write_text(f"import os\nwith open(os.path.join({str(folder)!r}, 'pid' + os.environ['RANK']), 'w') as f:\n"
+                      "    f.write(str(os.getpid()))\n" + body)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
+    with open(output, "w") as out:
+        job = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, stdout=out,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = job.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            code = None
+        finally:                                 # no rank left behind, whatever happened
+            pids = [int(p.read_text()) for p in Path(folder).glob("pid[0-9]") if p.read_text()]
+            for pid in [job.pid, *pids]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            job.wait()
+    return code, output.read_text()
 
 
 def single(args, results, monkeypatch):
@@ -52,9 +121,9 @@ def test_distributed_evaluation_equals_one_process(tmp_path, monkeypatch):
             p.add_(0.05 * torch.randn_like(p))
     model.save(tmp_path / "model.pt")
     args = ["evaluate", "--checkpoint", str(tmp_path / "model.pt"), "--test", "sample/visa.csv", "sample/kvasir.csv",
-            "sample/headct.csv", "--root", "sample", "--run-name", "e", "--batch-size", "4"]
+            "sample/headct.csv", "--root", "sample", "--run-name", "e", "--batch-size", "4", "--save-maps"]
     single(args, tmp_path / "one", monkeypatch)
-    torchrun(args, tmp_path / "two")
+    writes = torchrun(args, tmp_path / "two", writes=tmp_path / "writes")
     one, two = (pd.read_csv(tmp_path / r / "e" / "metrics.csv") for r in ("one", "two"))
     # pixel histograms are summed over the ranks: the same metrics and AUPRO, not an average of ranks
     pixel = [c for c in one.columns if c.startswith("pixel_")]
@@ -67,6 +136,14 @@ def test_distributed_evaluation_equals_one_process(tmp_path, monkeypatch):
     np.testing.assert_allclose(one.score, two.score, atol=1e-5)          # batch composition differs (1e-7)
     assert sorted(p.name for p in (tmp_path / "two" / "e").iterdir()) == sorted(
         p.name for p in (tmp_path / "one" / "e").iterdir())
+    # which rank wrote what: each rank the maps of its own shard (every other image), rank 0 alone
+    # everything else (the results are the sums over the ranks)
+    files = {str(p.relative_to(tmp_path / "two")) for p in (tmp_path / "two" / "e").rglob("*") if p.is_file()}
+    maps = {f"e/maps/{i:06d}.npz" for i in range(len(one))}
+    assert maps <= files and writes[0] | writes[1] == files
+    assert writes[1] == {f"e/maps/{i:06d}.npz" for i in range(1, len(one), 2)}
+    assert writes[0] == files - writes[1]
+    assert {"e/metrics.csv", "e/scores.csv", "e/thresholds.json", "e/config.json"} <= writes[0]
 
 
 def test_two_ranks_at_batch_one_step_like_one_process_at_batch_two(tmp_path, monkeypatch):
@@ -75,7 +152,10 @@ def test_two_ranks_at_batch_one_step_like_one_process_at_batch_two(tmp_path, mon
     args = ["train", "--train", _manifest(tmp_path, 1, 1), "--root", "sample", *TINY, "--epochs", "1",
             "--lr", "0.001", "--run-name", "t"]
     single(args + ["--batch-size", "2"], tmp_path / "one", monkeypatch)
-    torchrun(args + ["--batch-size", "1"], tmp_path / "two")
+    writes = torchrun(args + ["--batch-size", "1"], tmp_path / "two", writes=tmp_path / "writes")
+    assert writes[1] == set()                                            # rank 0 alone writes the run
+    assert {"t/model.pt", "t/train_log.csv", "t/config.json", "t/checkpoints/last.pt",
+            "t/checkpoints/epoch_001.pt"} <= writes[0]
     a, b = _weights(tmp_path / "one/t/model.pt"), _weights(tmp_path / "two/t/model.pt")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
     moved = _weights(tmp_path / "one/t/model.pt")
@@ -110,3 +190,39 @@ def test_a_failing_rank_stops_the_job(tmp_path):
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            str(script)], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "rank 1 fails on purpose" in done.stdout + done.stderr
+
+
+def test_each_epoch_shuffles_the_shards_anew(tmp_path):
+    """Training's loader under torchrun: per epoch the two ranks' shards are disjoint and cover the
+    data, and the order changes from epoch to epoch (DistributedSampler.set_epoch)."""
+    script = ("import json, os\n"
+              "from adaclip import distributed\n"
+              "from adaclip.config import TrainCfg\n"
+              "from adaclip.train import _loader\n"
+              "assert distributed.init_from_env() and distributed.active()\n"
+              "cfg = TrainCfg(batch_size=2, seed=7)\n"
+              "orders = [[i for batch in _loader(list(range(16)), cfg, epoch) for i in batch.tolist()]\n"
+              "          for epoch in range(4)]\n"
+              f"with open(os.path.join({str(tmp_path)!r}, f'rank{{distributed.rank()}}.json'), 'w') as f:\n"
+              "    json.dump(orders, f)\n")
+    code, out = run_script(tmp_path, script, {"ADACLIP_DIST_TIMEOUT": "120"}, timeout=120)
+    assert code == 0, out[-4000:]
+    orders = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for epoch in range(4):
+        mine, theirs = orders[0][epoch], orders[1][epoch]
+        assert len(mine) == len(theirs) == 8 and sorted(mine + theirs) == list(range(16))
+    for rank in (0, 1):                                 # not the same shard in the same order every epoch
+        assert len({tuple(o) for o in orders[rank]}) == 4, orders[rank]
+        assert len({tuple(sorted(o)) for o in orders[rank]}) > 1          # the shards themselves move too
+
+
+def test_a_rank_that_never_reaches_a_collective_times_out(tmp_path):
+    """Rank 1 hangs (alive, so torchrun does not stop the job): rank 0 waits in the barrier only
+    ADACLIP_DIST_TIMEOUT seconds, then fails with gloo's timeout. (A job still running long after
+    that, with the default of 900 s, is killed by the test and fails it.)"""
+    script = ("import time\nfrom adaclip import distributed\ndistributed.init_from_env()\n"
+              "if distributed.rank() == 1:\n    time.sleep(600)\n"
+              "distributed.barrier()\n")
+    code, out = run_script(tmp_path, script, {"ADACLIP_DIST_TIMEOUT": "4"}, timeout=150)
+    assert code is not None, "the job was still waiting: ADACLIP_DIST_TIMEOUT was not applied\n" + out[-3000:]
+    assert code != 0 and "Timed out" in out and "4000ms" in out, out[-4000:]

@@ -1,8 +1,11 @@
 """ONNX export: the whole inference graph, run with onnxruntime, equals PyTorch on the tiny model."""
 import json
 
+import numpy as np
 import pytest
 import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from PIL import Image
 
 from adaclip import AdaCLIP, AdaCLIPConfig, FusionCfg, PromptCfg, cli
 from adaclip.export import InferenceGraph, compare_with_torch
@@ -44,8 +47,31 @@ def test_cli_export_with_hsf_and_dynamic_text_matches_pytorch(tmp_path, capsys):
         images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
         diffs = compare_with_torch(out, model, images)
         assert diffs["image_scores"] < 1e-4 and diffs["anomaly_maps"] < 1e-4, diffs
-    scores, maps = session.run(None, {"images": images.numpy()})
-    assert scores.shape == (2,) and maps.shape == (2, 32, 32)
+        # the same by hand: onnxruntime's outputs against the PyTorch model's own
+        scores, maps = session.run(None, {"images": images.numpy()})
+        assert scores.shape == (2,) and maps.shape == (2, 32, 32)
+        with torch.no_grad():
+            ref = model(images, "bottle")
+        np.testing.assert_allclose(scores, ref.image_scores.numpy(), rtol=0, atol=1e-4)
+        np.testing.assert_allclose(maps, ref.pixel_scores.numpy(), rtol=0, atol=1e-4)
+    # the parity check compares with PyTorch: a model other than the exported one shows its differences
+    other = _model()
+    with torch.no_grad():
+        for p in other.learnable_parameters():
+            p.add_(0.5 * torch.randn_like(p))
+        ref = other(images, "bottle")
+    diffs = compare_with_torch(out, other, images)
+    assert diffs["image_scores"] == pytest.approx(np.abs(scores - ref.image_scores.numpy()).max(), abs=1e-4)
+    assert diffs["anomaly_maps"] == pytest.approx(np.abs(maps - ref.pixel_scores.numpy()).max(), abs=1e-4)
+    assert diffs["image_scores"] > 1e-3 and diffs["anomaly_maps"] > 1e-3, diffs
+    # the normalisation in the metadata is the model's (OpenAI's for these weights): a consumer that
+    # preprocesses by it feeds the graph what model.transform feeds the model
+    assert json.loads(meta["mean"]) == pytest.approx(OPENAI_DATASET_MEAN)
+    assert json.loads(meta["std"]) == pytest.approx(OPENAI_DATASET_STD)
+    rgb = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)      # already S x S
+    by_metadata = (rgb / 255.0 - json.loads(meta["mean"])) / json.loads(meta["std"])
+    np.testing.assert_allclose(by_metadata.transpose(2, 0, 1), model.transform(Image.fromarray(rgb)).numpy(),
+                               rtol=0, atol=1e-5)
 
 
 def test_static_text_is_precomputed(tmp_path):

@@ -1,17 +1,21 @@
 """Few-shot mode: the memory bank's map by hand, references drawn from the train split, refusals."""
 import json
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 
 from adaclip import AdaCLIP, AdaCLIPConfig, EvalCfg
-from adaclip.data import build_manifest
+from adaclip.data import AnomalyDataset, build_manifest, read_manifests
+from adaclip.data.registry import resolve_manifest, resolve_root
 from adaclip.data.synthetic import make_synthetic
 from adaclip.evaluate import evaluate
 from adaclip.fewshot import FewShotMemory, draw_references
 from adaclip.model.fusion import gaussian_blur
 from adaclip.pipeline import check_parameters
+from adaclip.sweep import run_sweep
 
 
 @pytest.fixture(scope="module")
@@ -21,13 +25,19 @@ def synthetic(tmp_path_factory):
     return root, build_manifest("synthetic", root)
 
 
-def _model():
+def _model(sigma=None):
     torch.manual_seed(0)
-    return AdaCLIP.from_config(AdaCLIPConfig.tiny()).eval()
+    cfg = AdaCLIPConfig.tiny()
+    if sigma is not None:
+        cfg.fusion.smoothing_sigma = sigma
+    return AdaCLIP.from_config(cfg).eval()
 
 
-def test_memory_map_by_hand(images):
-    model = _model()
+@pytest.mark.parametrize("sigma", [4.0, 1.5])
+def test_memory_map_by_hand(images, sigma):
+    """The few-shot map is smoothed with the model's smoothing_sigma (4 by default; 1.5 tells a
+    hard-coded default apart)."""
+    model = _model(sigma)
     refs = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(7))
     memory = FewShotMemory(model)
     memory.add("d/widget", refs, "widget")
@@ -42,7 +52,7 @@ def test_memory_map_by_hand(images):
                 per_layer.append(1 - (F.normalize(t[b], dim=-1) @ bank.T).max(-1).values)
             dist.append(torch.stack(per_layer).mean(0).clamp(0, 1))
         up = F.interpolate(torch.stack(dist).reshape(3, 1, 4, 4), size=(32, 32), mode="bilinear", align_corners=True)
-        few = gaussian_blur(up[:, 0], 4.0).clamp(0, 1)
+        few = gaussian_blur(up[:, 0], sigma).clamp(0, 1)
         combined = memory.apply(out, ["d/widget"] * 3)
     torch.testing.assert_close(combined.pixel_scores, (out.pixel_scores + few) / 2)
     torch.testing.assert_close(combined.image_scores, (out.image_scores + few.flatten(1).max(1).values) / 2)
@@ -71,6 +81,38 @@ def test_evaluate_k_shot_draws_train_normals_and_lists_them(synthetic, tmp_path)
         refs["references"]["synthetic/stripes"]
 
 
+def test_evaluate_k_shot_scores_each_row_with_its_own_category_memory(synthetic):
+    """Two categories interleaved, batches of 3: each batch mixes both, and a row's position in its
+    batch does not tell its category. Each image is scored against the references of its own
+    dataset/category, as scoring it alone by hand does."""
+    root, df = synthetic
+    test = df[df.split == "test"].reset_index(drop=True)
+    order = [i for pair in zip(*(test.index[test.category == c] for c in ("checker", "stripes"))) for i in pair]
+    test = test.loc[order].reset_index(drop=True)                       # checker, stripes, checker, ...
+    assert test.category.tolist()[:2] == ["checker", "stripes"]
+    model = _model()
+    cfg = EvalCfg(batch_size=3, k_shot=2, shot_seed=3)
+    got = evaluate(model, test, root, cfg, progress=False, references=df).scores.score.values
+    drawn = draw_references(df, test, 2, 3)
+    memory = FewShotMemory(model)
+    for (name, category), rows in drawn.items():
+        refs = AnomalyDataset(rows, root, model.transform, model.image_size)
+        memory.add(f"{name}/{category}", torch.stack([refs[i]["image"] for i in range(len(refs))]), category)
+    images = AnomalyDataset(test, root, model.transform, model.image_size)
+    with torch.no_grad():
+        want = [float(memory.apply(model(images[i]["image"][None], test.category[i], return_tokens=True),
+                                   [f"{test.dataset[i]}/{test.category[i]}"]).image_scores[0])
+                for i in range(len(test))]
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    # the two categories' references differ, so a row scored against the other's would show
+    swapped = {"synthetic/stripes": "synthetic/checker", "synthetic/checker": "synthetic/stripes"}
+    with torch.no_grad():
+        other = [float(memory.apply(model(images[i]["image"][None], test.category[i], return_tokens=True),
+                                    [swapped[f"{test.dataset[i]}/{test.category[i]}"]]).image_scores[0])
+                 for i in range(len(test))]
+    assert np.abs(np.array(other) - np.array(want)).max() > 1e-3
+
+
 def test_references_come_from_the_train_split_and_the_seed(synthetic):
     _, df = synthetic
     test = df[df.split == "test"].reset_index(drop=True)
@@ -97,7 +139,26 @@ def test_category_without_normal_training_images_is_named(synthetic):
         draw_references(df, test, 9)
 
 
-def test_k_shot_is_a_notebook_parameter_and_a_sweep_axis():
+def test_k_shot_is_a_notebook_parameter_and_a_sweep_axis(tmp_path):
+    """A sweep configuration's k_shot and shot_seed reach notebook 02's evaluation: its run is the
+    few-shot evaluation of its model with those references (listed in config.json)."""
     check_parameters({"k_shot": 2, "shot_seed": 1})
     with pytest.raises(ValueError, match=">= 0"):
         EvalCfg(k_shot=-1)
+    spec = {"base": {"data_root": "sample", "train_manifests": ["sample/mvtec.csv"],
+                     "test_manifests": ["sample/visa.csv"], "backbone": "adaclip-tiny", "pretrained": None,
+                     "image_size": 32, "method": "clip", "n_examples": 1, "save_maps": False, "batch_size": 8},
+            "configs": [{"k_shot": 2, "shot_seed": 1}]}
+    table = run_sweep(spec, "shots", results_dir=tmp_path)
+    assert (table.status == "done").all(), table[["config_id", "status", "error"]]
+    assert (table.k_shot == 2).all() and (table.shot_seed == 1).all()
+    run = tmp_path / "shots" / "k_shot=2,shot_seed=1"
+    few_shot = json.loads((run / "config.json").read_text())["few_shot"]
+    rows = read_manifests([resolve_manifest("sample/visa.csv")])
+    test = rows[rows.split == "test"].reset_index(drop=True)
+    drawn = draw_references(rows, test, 2, 1)
+    assert few_shot["k_shot"] == 2 and few_shot["seed"] == 1
+    assert few_shot["references"] == {f"{d}/{c}": list(r.image) for (d, c), r in drawn.items()}
+    expected = evaluate(AdaCLIP.load(run / "model.pt"), test, resolve_root("sample"),
+                        EvalCfg(batch_size=8, k_shot=2, shot_seed=1), progress=False, references=rows).scores
+    np.testing.assert_allclose(pd.read_csv(run / "scores.csv").score, expected.score, rtol=0, atol=1e-6)

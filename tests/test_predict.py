@@ -3,21 +3,45 @@ import json
 import shutil
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import open_clip
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
-from adaclip import AdaCLIP, AdaCLIPConfig, AdaCLIPPredictor, EvalCfg, cli
+from adaclip import AdaCLIP, AdaCLIPConfig, EvalCfg, cli
 from adaclip.data import build_manifest
 from adaclip.data.registry import resolve_root
 from adaclip.evaluate import evaluate
 from adaclip.model.backbone import _CONFIG_DIR
+from adaclip.predict import stored_thresholds
 
 SAMPLE = resolve_root("sample")
 BOTTLE = SAMPLE / "mvtec" / "bottle" / "test"
+
+
+def _by_hand(model, paths):
+    """Image scores and maps in [0, 1] at each image's own size: one image at a time through the model,
+    the map resized bilinearly (pixel centres aligned)."""
+    scores, maps = [], []
+    for p in paths:
+        image = Image.open(p).convert("RGB")
+        with torch.no_grad():
+            out = model(model.transform(image)[None], "bottle")
+        heat = F.interpolate(out.pixel_scores[None], size=(image.height, image.width), mode="bilinear",
+                             align_corners=False)[0, 0]
+        scores.append(float(out.image_scores[0]))
+        maps.append(heat.clamp(0, 1).numpy())
+    return np.array(scores), maps
+
+
+def _assert_mask(mask, heat, threshold):
+    """mask (0 / 255) is heat >= threshold, except where float noise could tip a pixel either way."""
+    clear = np.abs(heat - threshold) > 1e-5
+    np.testing.assert_array_equal((mask > 0)[clear], (heat >= threshold)[clear])
 
 
 @pytest.fixture(scope="module")
@@ -49,20 +73,52 @@ def test_predict_a_folder_with_a_corrupt_image(evaluated, tmp_path, capsys):
     t_image, t_pixel = stored["image"]["mvtec/bottle"], stored["pixel"]["mvtec/bottle"]
     assert (table.threshold == t_image).all() and f"from {evaluated / 'thresholds.json'} (mvtec/bottle)" in captured.out
     assert (table.decision == (table.image_score >= t_image).astype(int)).all()
-    # scores and maps are the predictor's, at each image's own size
-    model = AdaCLIP.load(evaluated / "model.pt")
+    # scores and maps are the model's (computed here without the predictor), at each image's own size
     paths = [images / "a" / "000.png", images / "a" / "001.png", images / "a" / "002.png", images / "b" / "000.png"]
-    scores, maps = AdaCLIPPredictor(model).predict([Image.open(p) for p in paths], "bottle")
+    scores, maps = _by_hand(AdaCLIP.load(evaluated / "model.pt"), paths)
     np.testing.assert_allclose(table.image_score, scores, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(table.max_pixel_score, [m.max() for m in maps], rtol=1e-5, atol=1e-6)
     for row, p, heat in zip(table.itertuples(), paths, maps):
-        size = Image.open(p).size
-        assert Image.open(row.overlay).size == size
+        image = np.asarray(Image.open(p).convert("RGB"), np.float32)
+        overlay = np.asarray(Image.open(row.overlay), np.float32)
+        assert overlay.shape == image.shape
+        jet = matplotlib.colormaps["jet"](heat)[..., :3] * 255                # the map blended over the image
+        off = np.abs(overlay - (0.55 * image + 0.45 * jet))       # rounding; a few pixels a colour-table step off
+        assert off.max() < 3 and (off > 1.01).mean() < 1e-3
         mask = np.asarray(Image.open(row.mask))
         assert mask.shape == heat.shape and set(np.unique(mask)) <= {0, 255}
-        np.testing.assert_array_equal(mask > 0, heat >= t_pixel)
+        _assert_mask(mask, heat, t_pixel)
     # two 000.png files: named by their place below the common folder
     assert sorted(Path(o).name for o in table.overlay) == ["a_000.png", "a_001.png", "a_002.png", "b_000.png"]
+
+
+def test_a_category_keeps_its_own_pixel_threshold(evaluated, tmp_path, capsys):
+    """thresholds.json with a pixel threshold for the category that differs from the pooled one (the
+    sample's evaluation has one category, where they are equal): the category's own makes the mask."""
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(evaluated / "model.pt", run / "model.pt")
+    image = BOTTLE / "broken_large" / "000.png"
+    heat = _by_hand(AdaCLIP.load(run / "model.pt"), [image])[1][0]
+    own, pooled = float(np.quantile(heat, 0.5)), float(heat.max()) + 0.01   # pooled: an empty mask
+    (run / "thresholds.json").write_text(json.dumps({
+        "image": {"mvtec/bottle": 0.25, "visa/candle": 0.75, "headct/brain": 0.3},
+        "pixel": {"mvtec/bottle": own, "visa/candle": 0.2},                 # headct: image level only
+        "image_pooled": 0.5, "pixel_pooled": pooled}))
+    out = tmp_path / "out"
+    assert cli.main(["predict", str(image), "--checkpoint", str(run / "model.pt"), "--class-name", "bottle",
+                     "--out", str(out), "--masks"]) == 0
+    assert f"pixel threshold {own:.4g}" in capsys.readouterr().out
+    table = pd.read_csv(out / "predictions.csv")
+    assert table.threshold.tolist() == [0.25]
+    mask = np.asarray(Image.open(table["mask"].iloc[0]))
+    _assert_mask(mask, heat, own)
+    assert 0 < (mask > 0).mean() < 1
+    stored = {c: stored_thresholds(run / "model.pt", c) for c in ("bottle", "candle", "brain", "transistor")}
+    assert {c: (t.image, t.pixel) for c, t in stored.items()} == {
+        "bottle": (0.25, own), "candle": (0.75, 0.2),
+        "brain": (0.3, pooled),                   # evaluated at image level only: the pooled pixel threshold
+        "transistor": (0.5, pooled)}              # never evaluated: both pooled
 
 
 def test_threshold_is_required_without_an_evaluation(tmp_path, capsys):

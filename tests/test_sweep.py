@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from adaclip import pipeline
 from adaclip.metrics import METRIC_KEYS
 from adaclip.pipeline import NOTEBOOK_DIR, run_pipeline
 from adaclip.sweep import config_id, expand, run_sweep
@@ -107,3 +108,89 @@ def test_parallel_and_submitit_sweeps_write_the_same_table_as_a_sequential_one(t
         reference = pd.read_csv(tmp_path / "sequential" / "s" / "sweep.csv")
         pd.testing.assert_frame_equal(on_disk, reference, check_exact=False, rtol=1e-6, atol=1e-6, obj=name)
     assert (tmp_path / "submitit" / "s" / ".submitit").is_dir()
+
+
+# Stand-ins for notebooks 01 and 02 (run through papermill like the real ones, in a second each): what
+# the sweep decides to run, skip or record does not depend on what the notebooks compute. Each appends
+# "<notebook> <parameters>" to the configuration's runs.txt, and fails on purpose where ``fail_in``
+# names it; 02 writes a one-row metrics.csv.
+STUB_01 = """from pathlib import Path
+run = Path(results_dir) / run_name
+run.mkdir(parents=True, exist_ok=True)
+with open(run / "runs.txt", "a") as f:
+    f.write(f"01 epochs={epochs} value={value}\\n")
+if fail_in == "01":
+    raise RuntimeError("notebook 01 fails on purpose")
+"""
+STUB_02 = """from pathlib import Path
+run = Path(results_dir) / run_name
+with open(run / "runs.txt", "a") as f:
+    f.write("02\\n")
+if fail_in == "02":
+    raise RuntimeError("notebook 02 fails on purpose")
+(run / "metrics.csv").write_text("dataset,category,image_auroc\\nd,c,0.5\\n")
+"""
+
+
+@pytest.fixture()
+def stub_notebooks(tmp_path, monkeypatch):
+    import nbformat
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    cells = {"01_prompt_training": ('run_name = "default"\nresults_dir = "../results"\nepochs = 1\nvalue = 0\n'
+                                    'fail_in = ""', STUB_01),
+             "02_evaluation": ('run_name = "default"\nresults_dir = "../results"\nfail_in = ""', STUB_02)}
+    for name, (parameters, body) in cells.items():
+        nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                               "language": "python"}})
+        nb.cells = [nbformat.v4.new_code_cell(parameters, metadata={"tags": ["parameters"]}),
+                    nbformat.v4.new_code_cell(body)]
+        nbformat.write(nb, folder / f"{name}.ipynb")
+    monkeypatch.setattr(pipeline, "NOTEBOOK_DIR", folder)
+    return tmp_path / "results"
+
+
+def _runs(results, config):
+    return (results / "s" / config / "runs.txt").read_text().split("\n")[:-1]
+
+
+def _status(table):
+    return table.drop_duplicates("config_id").set_index("config_id").status.to_dict()
+
+
+def test_a_changed_base_parameter_reruns_a_finished_configuration(stub_notebooks):
+    results = stub_notebooks
+    spec = {"base": {"epochs": 1}, "configs": [{"value": 1}]}
+    assert _status(run_sweep(spec, "s", results_dir=results)) == {"value=1": "done"}
+    assert _status(run_sweep(spec, "s", results_dir=results)) == {"value=1": "skipped"}
+    assert _runs(results, "value=1") == ["01 epochs=1 value=1", "02"]
+    spec["base"]["epochs"] = 2                      # same configuration id, other parameters
+    table = run_sweep(spec, "s", results_dir=results)
+    assert _status(table) == {"value=1": "done"} and (table.epochs == 2).all()
+    assert _runs(results, "value=1")[2:] == ["01 epochs=2 value=1"]        # 02 takes no epochs: still finished
+    assert _status(run_sweep(spec, "s", results_dir=results)) == {"value=1": "skipped"}
+
+
+def test_a_failing_configuration_does_not_stop_the_sweep(stub_notebooks):
+    """The failing configuration comes first: the ones after it still run."""
+    results = stub_notebooks
+    spec = {"configs": [{"fail_in": "01"}, {"value": 2}, {"value": 3}]}
+    table = run_sweep(spec, "s", results_dir=results)
+    assert _status(table) == {"fail_in=01": "failed", "value=2": "done", "value=3": "done"}
+    assert "notebook 01 fails on purpose" in table.set_index("config_id").error["fail_in=01"]
+    for config in ("value=2", "value=3"):
+        assert _runs(results, config) == [f"01 epochs=1 {config}", "02"]
+    assert (table.set_index("config_id").loc[["value=2", "value=3"], "image_auroc"] == 0.5).all()
+
+
+def test_a_configuration_is_finished_only_when_both_notebooks_are(stub_notebooks):
+    """Notebook 01 finished and 02 failed: the next sweep runs the configuration again (its 02; the
+    pipeline itself skips the finished 01) instead of counting it as done."""
+    results = stub_notebooks
+    spec = {"configs": [{"fail_in": "02"}]}
+    assert _status(run_sweep(spec, "s", results_dir=results)) == {"fail_in=02": "failed"}
+    assert _runs(results, "fail_in=02") == ["01 epochs=1 value=0", "02"]
+    table = run_sweep(spec, "s", results_dir=results)
+    assert _status(table) == {"fail_in=02": "failed"}
+    assert "notebook 02 fails on purpose" in table.error.iloc[0]
+    assert _runs(results, "fail_in=02") == ["01 epochs=1 value=0", "02", "02"]

@@ -1,7 +1,6 @@
 """The packed text pass (shared prefix, cached layer 0, no padding) equals the plain one."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from adaclip import AdaCLIP, AdaCLIPConfig, PromptCfg
 from adaclip.model import text_packing
@@ -81,13 +80,44 @@ def test_layer0_is_computed_once_per_class_name():
     assert len(calls) == 2                                  # bottle and screw, once each
 
 
-def test_packed_pass_trains(images):
-    model = _model(2)
+def _grads(model, images, names):
     model.train()
-    out = model(images, "bottle", return_layer_maps=True)
+    out = model(images, names, return_layer_maps=True)
     (out.image_probs[:, 1].sum() + out.layer_maps[0][:, 1].mean()).backward()
-    assert model.text_prompts.static[1].grad is not None and model.text_prompts.static[1].grad.abs().sum() > 0
-    assert F.normalize(model.text_prompts.dynamic[0].weight.grad.flatten(), dim=0).isfinite().all()
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_packed_pass_trains(images):
+    """The packed pass gives the plain text pass's gradients (not only some gradient): every
+    learnable parameter, two class names in one batch. (With recomputation in backward the same:
+    test_model's activation-checkpointing test.)"""
+    names = ["bottle", "screw", "bottle"]
+    packed, plain = _model(3), _model(3)
+    plain._packable = False                                 # the plain pass: backbone.encode_text
+    calls = []
+    original = text_packing.encode_text_packed
+    text_packing.encode_text_packed = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        got = _grads(packed, images, names)
+    finally:
+        text_packing.encode_text_packed = original
+    assert calls                                            # the packed pass did run
+    want = _grads(plain, images, names)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert (got[name] is None) == (want[name] is None), name
+        if want[name] is not None:
+            torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-4, msg=name)
+    assert packed.text_prompts.static[1].grad.abs().sum() > 0
+    assert packed.text_prompts.dynamic[0].weight.grad.abs().sum() > 0
+
+
+def _layer0_float32(clip, tokens):
+    """Layer 0 of the unprompted text tower over the full context, in float32 (no autocast, no
+    truncation: attention is causal, so the first positions equal the truncated pass's)."""
+    with torch.no_grad(), torch.autocast("cpu", enabled=False):
+        x = clip.token_embedding(tokens).float() + clip.positional_embedding.float()
+        return clip.transformer.resblocks[0](x, attn_mask=clip.attn_mask)
 
 
 def test_cached_layer0_serves_autocast_and_full_precision(images):
@@ -99,3 +129,21 @@ def test_cached_layer0_serves_autocast_and_full_precision(images):
         full = model(images, "bottle").pixel_scores
     assert full.dtype == mixed.dtype == torch.float32
     torch.testing.assert_close(mixed, full, atol=0.05, rtol=0)
+
+
+def test_layer0_cached_under_autocast_is_the_float32_one(images):
+    """A first call under bf16 autocast fills the layer-0 cache: it must hold the float32 layer 0
+    (bf16 there would be off by ~3e-2 and then serve every later float32 call)."""
+    model = _model(2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(images, "bottle")
+    (first, _), = model._packed.values()
+    tokens = model._tokens_for("bottle")
+    expected = _layer0_float32(model.clip, tokens)[:, :first.shape[1]]
+    assert first.dtype == torch.float32
+    torch.testing.assert_close(first, expected, atol=1e-5, rtol=1e-5)
+    # and the float32 call after it equals one on a model whose cache never saw autocast
+    with torch.no_grad():
+        after = model(images, "bottle").pixel_scores
+        fresh = _model(2)(images, "bottle").pixel_scores
+    torch.testing.assert_close(after, fresh, atol=1e-5, rtol=1e-5)
