@@ -48,7 +48,7 @@ def test_shipped_sweeps_name_real_parameters():
         for c in expand(NOTEBOOK_DIR / "params" / name):
             assert set(c.params) <= known, (name, c.id)
     axes = {k for c in expand(NOTEBOOK_DIR / "params" / "ablations.yaml") for k in c.overrides}
-    assert axes == {"prompt_type", "prompt_branch", "prompt_depth", "prompt_length", "use_hsf", "method"}
+    assert axes == {"prompt_type", "prompt_branch", "prompt_depth", "prompt_length", "use_hsf", "quick_gelu", "method"}
 
 
 def test_tiny_sweep_runs_skips_records_failures_and_is_analysed(tmp_path):
