@@ -30,10 +30,6 @@ PathLike = Union[str, Path]
 PUBLISHED = Path(__file__).parent / "published" / "results.csv"
 METRIC_NAMES = {"image_auroc": "I-AUROC", "image_ap": "I-AP", "image_f1": "I-F1max", "pixel_auroc": "P-AUROC",
                 "pixel_ap": "P-AP", "pixel_f1": "P-F1max", "pixel_aupro": "AUPRO", "pixel_aupro_cflow": "AUPRO (cflow)"}
-# a run's method (config.json "model.method") -> its name in published/results.csv; a method missing here
-# (the `clip` and `linear` baselines) has no published numbers of its own and is compared with none
-PUBLISHED_NAMES = {"adaclip": "AdaCLIP", "aprilgan": "APRIL-GAN", "winclip": "WinCLIP", "anomalyclip": "AnomalyCLIP",
-                   "crane": "Crane", "aaclip": "AA-CLIP"}
 # sources whose AUPRO is the cflow-style variant (published/README.md): filed under pixel_aupro_cflow
 CFLOW_AUPRO_SOURCES = ("Crane (arXiv 2504.11055)", "AnomalyCLIP paper")
 UNDEFINED = "—"                          # how an undefined (NaN) value reads, in tables and in text alike
@@ -87,13 +83,28 @@ def trained_on_text(value: Optional[str]) -> str:
     return "unknown" if value is None else (value or TRAINING_FREE)
 
 
+def published_name(method: str) -> Optional[str]:
+    """A method's name in published/results.csv (`Method.published_name`); None for a method without
+    published numbers of its own (the `clip` and `linear` baselines), which is compared with none."""
+    from . import methods
+
+    return methods.get(method).published_name if method in methods.REGISTRY else None
+
+
+def method_of(config: dict) -> str:
+    """The method a run's config.json names (older runs: inside the model config, else AdaCLIP)."""
+    return config.get("method") or (config.get("model") or {}).get("method") or "adaclip"
+
+
 def describe(config: dict) -> dict:
-    """The settings that tell runs apart: method, backbone, activation, weights, training data, prompts, HSF."""
+    """The settings that tell runs apart: method, backbone, activation, weights, training data, prompts,
+    HSF, epochs, and whether image scores were transductive."""
     model = config.get("model", {})
     prompts, fusion, backbone = model.get("prompts", {}), model.get("fusion", {}), model.get("backbone", {})
-    method = model.get("method", "adaclip")
+    method = method_of(config)
     free = trained_on(config) == "" or str(config.get("selection", "")).startswith("none")
-    return {"method": method, "backbone": f'{backbone.get("name")} @ {backbone.get("image_size")}',
+    return {"method": method + (" (transductive)" if config.get("transductive_image_scores") else ""),
+            "backbone": f'{backbone.get("name")} @ {backbone.get("image_size")}',
             "activation": activation_name(backbone.get("quick_gelu")), "weights": config.get("backbone_weights"),
             "trained_on": trained_on_text(trained_on(config)),
             "prompts": (f'{prompts.get("type")} / {prompts.get("branch")} / J={prompts.get("depth")} / '
@@ -107,7 +118,7 @@ def run_labels(runs: Runs) -> dict:
     """Short column labels: the method when that tells the runs apart ("adaclip", "clip"), else the
     run name relative to the runs' common folder (a sweep's configuration ids)."""
     names = list(runs.configs)
-    methods = [describe(runs.configs[r])["method"] for r in names]
+    methods = [method_of(runs.configs[r]) for r in names]
     if len(set(methods)) == len(names):
         return dict(zip(names, methods))
     parts = [n.split("/") for n in names]
@@ -123,8 +134,8 @@ def run_info(runs: Runs, labels: Optional[dict] = None) -> pd.DataFrame:
     labels = labels or {r: r for r in runs.configs}
     rows = []
     for run, config in runs.configs.items():
-        method = describe(config)["method"]
-        rows.append({"label": labels[run], "run": run, "method": method, "published_method": PUBLISHED_NAMES.get(method),
+        method = method_of(config)
+        rows.append({"label": labels[run], "run": run, "method": method, "published_method": published_name(method),
                      "trained_on": trained_on(config), "trained_on_text": trained_on_text(trained_on(config))})
     return pd.DataFrame(rows).set_index("label")
 
@@ -358,7 +369,7 @@ REPRODUCTION_COLUMNS = ["run", "method", "dataset", "metric", "ours", "published
 
 def reproduction_table(runs: Runs, published: Optional[pd.DataFrame] = None,
                        metrics_shown: Sequence[str] = METRIC_KEYS) -> pd.DataFrame:
-    """Each run beside every published row of its own method (`PUBLISHED_NAMES`) for the datasets it
+    """Each run beside every published row of its own method (`published_name`) for the datasets it
     evaluated: one row per run, dataset, metric and source, ours and published in percent, the
     difference, which data each model learned from (``same_training`` False: not like with like), and
     whether ours came from random backbone weights (then the difference says nothing about the method).
@@ -372,8 +383,8 @@ def reproduction_table(runs: Runs, published: Optional[pd.DataFrame] = None,
     ours["ours"] *= 100
     frames = []
     for run, config in runs.configs.items():
-        method = describe(config)["method"]
-        name, mine = PUBLISHED_NAMES.get(method), ours[ours.run == run].drop(columns="run")
+        method = method_of(config)
+        name, mine = published_name(method), ours[ours.run == run].drop(columns="run")
         random = config.get("backbone_weights") == "random"
         pub = published[(published.method == name) & published.dataset.isin(mine.dataset)] if name else published.iloc[:0]
         long = pub.melt(id_vars=["method", "dataset", "trained_on", "source"], value_vars=shown, var_name="metric",

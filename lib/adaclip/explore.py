@@ -38,10 +38,10 @@ class Inspection:
     image: np.ndarray                  # (H, W, 3) uint8
     class_name: str
     score: float                       # image score, P(abnormal)
-    anomaly_map: np.ndarray            # (H, W), smoothed: what evaluation scores
-    raw_map: np.ndarray                # (H, W), before the Gaussian smoothing
-    layer_maps: list                   # per output layer (H, W): that layer's P(abnormal)
-    out_layers: tuple                  # which layers (1-based)
+    anomaly_map: np.ndarray            # (H, W): what evaluation scores
+    raw_map: Optional[np.ndarray]      # (H, W), before the Gaussian smoothing (None: the method smooths nothing)
+    layer_maps: list                   # per tapped layer (or window scale) (H, W): its P(abnormal)
+    layer_names: tuple                 # "layer 6", "2x2 windows", ...
     grid: int                          # patches per side
     hsf_patches: Optional[np.ndarray]  # (K,) patch indices HSF clustered (None without HSF)
     hsf_clusters: Optional[np.ndarray]  # (K,) their k-means labels
@@ -54,17 +54,27 @@ def _resize(m: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
 
 @torch.no_grad()
 def inspect(model, image: Image.Image, class_name: str) -> Inspection:
-    """Run ``model`` on one PIL image with ``class_name`` and keep every intermediate result."""
+    """Run ``model`` (any method) on one PIL image with ``class_name`` and keep every intermediate
+    result it offers: per-layer maps (or WinCLIP's per-scale maps), the map before smoothing, HSF's
+    clusters."""
     model.eval()
     rgb = image.convert("RGB")
     x = model.transform(rgb)[None].to(model.device)
     out = model(x, [class_name], return_layer_maps=True, return_details=True)
     size = (rgb.height, rgb.width)
-    d = out.details
+    d = out.details or {}
+    if out.layer_maps is not None:
+        layers = [m[0, 1] for m in out.layer_maps]
+        names = tuple(f"layer {k}" for k in getattr(model, "out_layers", range(1, len(layers) + 1)))
+    else:
+        layers = [m[0] for m in d.get("scale_maps", [])]
+        names = tuple(f"{k}x{k} windows" for k in getattr(model.cfg, "scales", ()))
+    raw = d.get("raw_pixel_scores")
     return Inspection(
         image=np.asarray(rgb), class_name=class_name, score=float(out.image_scores[0]),
-        anomaly_map=_resize(out.pixel_scores[0].cpu(), size), raw_map=_resize(d["raw_pixel_scores"][0].cpu(), size),
-        layer_maps=[_resize(m[0, 1].cpu(), size) for m in out.layer_maps], out_layers=tuple(model.out_layers),
+        anomaly_map=_resize(out.pixel_scores[0].cpu(), size),
+        raw_map=_resize(raw[0].cpu(), size) if raw is not None else None,
+        layer_maps=[_resize(m.cpu(), size) for m in layers], layer_names=names,
         grid=model.image_size // model.patch_size,
         hsf_patches=d["hsf_patches"][0].cpu().numpy() if "hsf_patches" in d else None,
         hsf_clusters=d["hsf_clusters"][0].cpu().numpy() if "hsf_clusters" in d else None)
@@ -230,7 +240,11 @@ class Explorer:
         found, _ = self.current()
         if found is None:
             return {}
-        figures = {"layers": viz.layer_maps_figure(found), "smoothing": viz.smoothing_figure(found)}
+        figures = {}
+        if found.layer_maps:
+            figures["layers"] = viz.layer_maps_figure(found)
+        if found.raw_map is not None:
+            figures["smoothing"] = viz.smoothing_figure(found)
         if found.hsf_patches is not None:
             figures["hsf"] = viz.hsf_figure(found)
         return figures

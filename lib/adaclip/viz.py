@@ -321,12 +321,13 @@ def layer_maps_figure(found) -> Figure:
         h, w = found.image.shape[:2]
         fig, axes = plt.subplots(1, n, figsize=(SCREEN_WIDTH, (SCREEN_WIDTH - 1.0) / n * h / w + 0.9), squeeze=False,
                                  layout="constrained")
-        for ax, layer, m in zip(axes[0], found.out_layers, found.layer_maps):
+        for ax, name, m in zip(axes[0], found.layer_names, found.layer_maps):
             heat = ax.imshow(m, cmap="jet", vmin=0, vmax=1)
-            ax.set_title(f"layer {layer}")
+            ax.set_title(name)
             ax.axis("off")
         fig.colorbar(heat, ax=axes, fraction=0.02, pad=0.01, label="P(abnormal)")
-        fig.suptitle("per-layer maps (then their logits are averaged)")
+        fig.suptitle("per-layer maps, before they are combined" if found.layer_names[0].startswith("layer")
+                     else "per-scale window maps, before the harmonic mean with the image score")
     return fig
 
 
