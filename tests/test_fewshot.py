@@ -12,8 +12,8 @@ from adaclip.data import AnomalyDataset, build_manifest, read_manifests
 from adaclip.data.registry import resolve_manifest, resolve_root
 from adaclip.data.synthetic import make_synthetic
 from adaclip.evaluate import evaluate
-from adaclip.fewshot import FewShotMemory, draw_references
-from adaclip.model.fusion import gaussian_blur
+from adaclip.fewshot import draw_references
+from adaclip.methods.shared import gaussian_blur
 from adaclip.pipeline import check_parameters
 from adaclip.sweep import run_sweep
 
@@ -39,7 +39,7 @@ def test_memory_map_by_hand(images, sigma):
     hard-coded default apart)."""
     model = _model(sigma)
     refs = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(7))
-    memory = FewShotMemory(model)
+    memory = model.few_shot_memory()
     memory.add("d/widget", refs, "widget")
     with torch.no_grad():
         out = model(images, "widget", return_tokens=True)
@@ -94,7 +94,7 @@ def test_evaluate_k_shot_scores_each_row_with_its_own_category_memory(synthetic)
     cfg = EvalCfg(batch_size=3, k_shot=2, shot_seed=3)
     got = evaluate(model, test, root, cfg, progress=False, references=df).scores.score.values
     drawn = draw_references(df, test, 2, 3)
-    memory = FewShotMemory(model)
+    memory = model.few_shot_memory()
     for (name, category), rows in drawn.items():
         refs = AnomalyDataset(rows, root, model.transform, model.image_size)
         memory.add(f"{name}/{category}", torch.stack([refs[i]["image"] for i in range(len(refs))]), category)
@@ -146,7 +146,7 @@ def test_k_shot_is_a_notebook_parameter_and_a_sweep_axis(tmp_path):
     with pytest.raises(ValueError, match=">= 0"):
         EvalCfg(k_shot=-1)
     spec = {"base": {"data_root": "sample", "train_manifests": ["sample/mvtec.csv"],
-                     "test_manifests": ["sample/visa.csv"], "backbone": "adaclip-tiny", "pretrained": None,
+                     "test_manifests": ["sample/visa.csv"], "backbone": "adaclip-tiny", "pretrained": "random",
                      "image_size": 32, "method": "clip", "n_examples": 1, "save_maps": False, "batch_size": 8},
             "configs": [{"k_shot": 2, "shot_seed": 1}]}
     table = run_sweep(spec, "shots", results_dir=tmp_path)

@@ -119,3 +119,21 @@ def test_params_files_only_name_real_parameters(name):
     params = yaml.safe_load((NOTEBOOK_DIR / "params" / name).read_text())
     known = set().union(*(pm.inspect_notebook(str(nb)) for nb in NOTEBOOKS))
     assert set(params) <= known
+
+
+def test_a_notebook_whose_kernel_died_is_not_finished(tmp_path):
+    """papermill marks the cells after a dead kernel "completed" without a start time and records no
+    exception; resuming must run such a notebook again."""
+    from adaclip.pipeline import finished
+
+    def executed(started: list) -> dict:
+        cell = lambda s: {"cell_type": "code", "source": "", "metadata": {"papermill": {  # noqa: E731
+            "status": "completed", "start_time": "2026-12-02T00:27:06" if s else None, "exception": False if s else None}}}
+        return {"metadata": {"papermill": {"exception": None, "parameters": {"run_name": "r"}}},
+                "cells": [cell(s) for s in started]}
+
+    path = tmp_path / "04_explore.ipynb"
+    path.write_text(json.dumps(executed([True, True, True])))
+    assert finished(path, {"run_name": "r"})
+    path.write_text(json.dumps(executed([True, True, False, False])))
+    assert not finished(path, {"run_name": "r"})

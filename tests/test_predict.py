@@ -16,7 +16,7 @@ from adaclip import AdaCLIP, AdaCLIPConfig, EvalCfg, cli
 from adaclip.data import build_manifest
 from adaclip.data.registry import resolve_root
 from adaclip.evaluate import evaluate
-from adaclip.model.backbone import _CONFIG_DIR
+from adaclip.backbone.clip import _CONFIG_DIR
 from adaclip.predict import stored_thresholds
 
 SAMPLE = resolve_root("sample")

@@ -48,7 +48,7 @@ def test_shipped_sweeps_name_real_parameters():
         for c in expand(NOTEBOOK_DIR / "params" / name):
             assert set(c.params) <= known, (name, c.id)
     axes = {k for c in expand(NOTEBOOK_DIR / "params" / "ablations.yaml") for k in c.overrides}
-    assert axes == {"prompt_type", "prompt_branch", "prompt_depth", "prompt_length", "use_hsf", "method"}
+    assert axes == {"prompt_type", "prompt_branch", "prompt_depth", "prompt_length", "use_hsf", "quick_gelu", "method"}
 
 
 def test_tiny_sweep_runs_skips_records_failures_and_is_analysed(tmp_path):
@@ -97,7 +97,7 @@ def test_tiny_sweep_runs_skips_records_failures_and_is_analysed(tmp_path):
 def test_parallel_and_submitit_sweeps_write_the_same_table_as_a_sequential_one(tmp_path):
     """--jobs 2 (two worker processes) and submitit's local executor give the sequential sweep.csv."""
     spec = {"base": {"data_root": "sample", "train_manifests": ["sample/mvtec.csv"], "test_manifests": ["sample/visa.csv"],
-                     "backbone": "adaclip-tiny", "pretrained": None, "image_size": 32, "epochs": 1, "batch_size": 8,
+                     "backbone": "adaclip-tiny", "pretrained": "random", "image_size": 32, "epochs": 1, "batch_size": 8,
                      "n_examples": 1, "save_maps": False},
             "grid": {"method": ["clip", "linear"]}}
     tables = {name: run_sweep(spec, "s", results_dir=tmp_path / name, **kwargs)

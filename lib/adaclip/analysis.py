@@ -24,7 +24,7 @@ from PIL import Image
 from .config import activation_name
 from .io import atomic_path, write_csv
 from .metrics import METRIC_KEYS
-from .runs import RANDOM_WEIGHTS, environment
+from .runs import BASELINE_DIR, RANDOM_WEIGHTS, environment
 
 PathLike = Union[str, Path]
 PUBLISHED = Path(__file__).parent / "published" / "results.csv"
@@ -94,6 +94,14 @@ def published_name(method: str) -> Optional[str]:
 def method_of(config: dict) -> str:
     """The method a run's config.json names (older runs: inside the model config, else AdaCLIP)."""
     return config.get("method") or (config.get("model") or {}).get("method") or "adaclip"
+
+
+def run_with_baselines(results_dir: PathLike, run: str) -> list[str]:
+    """A run and the evaluated baselines beside it (``results/<run>/baselines/<method>/``), as the
+    pipeline's notebook 03 compares them."""
+    folder = Path(results_dir) / run / BASELINE_DIR
+    found = sorted(p.parent.name for p in folder.glob("*/metrics.csv")) if folder.is_dir() else []
+    return [run, *(f"{run}/{BASELINE_DIR}/{name}" for name in found)]
 
 
 def describe(config: dict) -> dict:

@@ -228,16 +228,20 @@ class Explorer:
         return self._images[key]
 
     # ---------------------------------------------------------------- drawing
-    def figure(self):
-        """The current view: image, map overlay, mask at the threshold, ground truth, score and decision."""
-        found, mask = self.current()
+    def figure(self, found: Optional[Inspection] = None, mask: Optional[np.ndarray] = None):
+        """The current view (or ``found``'s): image, map overlay, mask at the threshold, ground truth,
+        score and decision."""
+        if found is None:
+            found, mask = self.current()
         if found is None:
             return None
         return viz.explorer_view(found, self.threshold.value, mask, title=self.title)
 
-    def step_figures(self) -> dict:
-        """The intermediate results of the current image: layer maps, smoothing, HSF's clusters."""
-        found, _ = self.current()
+    def step_figures(self, found: Optional[Inspection] = None) -> dict:
+        """The intermediate results of the current image (or ``found``): per-layer (or per-scale) maps,
+        smoothing, HSF's clusters, as far as the method has them."""
+        if found is None:
+            found, _ = self.current()
         if found is None:
             return {}
         figures = {}
@@ -263,20 +267,25 @@ class Explorer:
     def refresh(self) -> None:
         """Redraw into the widgets' output areas (the model runs only for a new image or class name)."""
         reason = self.empty_reason()
-        fig = None if reason else self.figure()
+        found, mask = self.current() if not reason else (None, None)
+        source = self.last_source                                  # of this inspection: a model run or the cache
+        fig = self.figure(found, mask) if found is not None else None
         show(self.output, [fig] if fig is not None else [])      # nothing to draw: no stale figure either
         if self.steps.selected_index == 0:
-            show(self.steps_output, list(self.step_figures().values()) if fig is not None else [])
-        self.status.value = reason or self.last_source
+            show(self.steps_output, list(self.step_figures(found).values()) if found is not None else [])
+        self.status.value = reason or source
 
     def save(self) -> Optional[Path]:
         """Save the current view (PNG and PDF) under ``figures_dir``; returns the PNG path."""
+        import matplotlib.pyplot as plt
+
         fig = self.figure()
         if fig is None:
             return None
         key = self.image.value.split(":", 1)[1]
         name = Path(self.df.at[int(key), "image"]).stem if self.image.value.startswith("row:") else Path(key).stem
         path = viz.save(fig, self.figures_dir / f"04_explore_{name}_{self.class_name.value.strip().replace(' ', '_')}.png")
+        plt.close(fig)                    # a button's figure: nothing else shows it (it would reach the log console)
         self.status.value = f"saved {path}"
         return path
 
@@ -285,5 +294,6 @@ class Explorer:
 
         self.refresh()
         return w.VBox([w.HBox([self.dataset, self.category, self.label]), w.HBox([self.image, self.upload]),
-                       w.HBox([self.class_name, self.threshold, self.save_button, self.status]),
+                       w.HBox([self.class_name, self.threshold, self.save_button]),
+                       self.status,                      # a row of its own: long messages squeeze no control
                        self.output, self.steps])

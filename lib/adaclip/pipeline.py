@@ -24,9 +24,9 @@ from jupyter_client.manager import AsyncKernelManager
 from traitlets import default
 
 from .data.registry import REPO_ROOT, results_root
+from .runs import BASELINE_DIR
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
-BASELINE_DIR = "baselines"
 
 
 class IPCKernelManager(AsyncKernelManager):
@@ -74,14 +74,16 @@ def coerce(value: str):
 
 
 def finished(path: Path, parameters: dict) -> bool:
-    """The executed copy ran to the end with the same parameters."""
+    """The executed copy ran to the end with the same parameters: every code cell completed and
+    actually started (a kernel that died leaves the cells after it "completed" without a start time
+    and no exception in papermill's metadata)."""
     if not path.is_file():
         return False
     nb = json.loads(path.read_text())
     meta = nb.get("metadata", {}).get("papermill", {})
+    cells = [c.get("metadata", {}).get("papermill", {}) for c in nb.get("cells", []) if c.get("cell_type") == "code"]
     return "exception" in meta and not meta["exception"] and meta.get("parameters") == parameters and \
-        all(c.get("metadata", {}).get("papermill", {}).get("status") == "completed"
-            for c in nb.get("cells", []) if c.get("cell_type") == "code")
+        all(c.get("status") == "completed" and c.get("start_time") for c in cells)
 
 
 def declared_parameters() -> dict[Path, list[str]]:

@@ -56,11 +56,11 @@ def name_of(cfg) -> str:
     raise ValueError(f"{type(cfg).__name__} is no registered method's config; available: {available()}")
 
 
-def config(name: str, cfg=None, **fields):
+def config(method: str, cfg=None, **fields):
     """The method's config at its paper's setting (or ``cfg``) with ``fields`` replaced: any field of
     the config (a dict for a nested section), any backbone field (``pretrained=``, ``image_size=``),
     or a dotted path (``"fusion.k_clusters"``)."""
-    cls = get(name)
+    cls, name = get(method), method
     data = (cfg if cfg is not None else cls.config_class()).to_dict()
     backbone_fields = {f.name for f in dataclasses.fields(BackboneCfg)}
     for key, value in fields.items():
@@ -81,9 +81,9 @@ def config(name: str, cfg=None, **fields):
     return cls.config_class.from_dict(data)
 
 
-def create(name: str, **fields) -> Method:
+def create(method: str, **fields) -> Method:
     """Build a method at its paper's setting with ``fields`` replaced (see `config`)."""
-    return get(name)(config(name, **fields))
+    return get(method)(config(method, **fields))
 
 
 def from_official(name: str, path, **overrides) -> Method:
@@ -91,17 +91,17 @@ def from_official(name: str, path, **overrides) -> Method:
     return get(name).from_official(path, **overrides)
 
 
-def config_from_params(name: str, **params) -> tuple:
+def config_from_params(method: str, **params) -> tuple:
     """A notebook's flat parameters -> (config, names that do not apply to this method). ``None``
     keeps the method's own value (its paper's setting)."""
-    mapping = {**BACKBONE_PARAMS, **METHOD_PARAMS.get(name, {})}
+    mapping = {**BACKBONE_PARAMS, **METHOD_PARAMS.get(method, {})}
     fields, unused = {}, []
     for key, value in params.items():
         if key not in mapping:
             unused.append(key)
         elif value is not None:
             fields[mapping[key]] = value
-    return config(name, **fields), unused
+    return config(method, **fields), unused
 
 
 def train_config(name: str, **overrides) -> TrainCfg:
