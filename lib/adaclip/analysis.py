@@ -322,6 +322,17 @@ def styled(table: pd.DataFrame, digits: int = 1):
         lambda _: np.where(bold, "font-weight: bold;", ""), axis=None)
 
 
+def metrics_view(metrics: pd.DataFrame, digits: int = 1):
+    """A ``metrics.csv`` table as a notebook shows it: metrics in percent, undefined ones as — (as in
+    every other table), and the reasons once each under the table instead of a long column."""
+    shown = [m for m in METRIC_KEYS if m in metrics and metrics[m].notna().any()]
+    table = metrics[["dataset", "category", "images", "anomalous"]].join(metrics[shown] * 100)
+    table = table.rename(columns={m: METRIC_NAMES[m] for m in shown})
+    notes = sorted({n for note in metrics.get("note", pd.Series(dtype=str)).fillna("") for n in note.split("; ") if n})
+    caption = "Percent; — undefined: " + "; ".join(notes) if notes else "Percent"
+    return table.style.format(precision=digits, na_rep=UNDEFINED).hide(axis="index").set_caption(caption)
+
+
 def to_latex(table: pd.DataFrame, digits: int = 1, caption: str = "") -> str:
     """A LaTeX tabular (pandas Styler, booktabs rules), best values in \\textbf, undefined ones as ---."""
     bold = best_cells(table)

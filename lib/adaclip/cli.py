@@ -190,7 +190,7 @@ def _predict(args) -> int:
 def _export(args) -> int:
     import torch
 
-    from .export import compare_with_torch, export_onnx
+    from .export import compare_with_torch, export_onnx, uses_hsf
     from .methods import CheckpointError
 
     try:
@@ -199,7 +199,7 @@ def _export(args) -> int:
         print(f"adaclip export: {e}", file=sys.stderr)
         return 2
     out = Path(args.out or f"adaclip-{args.class_name}.onnx")
-    if model.cfg.fusion.use_hsf:
+    if uses_hsf(model):
         print("HSF is exported exactly: its k-means runs all of its Lloyd steps in the graph")
     export_onnx(model, args.class_name, out, batch_size=args.batch_size)
     size = model.image_size

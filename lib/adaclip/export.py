@@ -47,6 +47,11 @@ class InferenceGraph(nn.Module):
         return out.image_scores, out.pixel_scores
 
 
+def uses_hsf(model: Method) -> bool:
+    """AdaCLIP with Hybrid Semantic Fusion (its k-means is exported step by step)."""
+    return bool(getattr(getattr(model.cfg, "fusion", None), "use_hsf", False))
+
+
 def _require(module: str):
     try:
         return __import__(module)
@@ -76,7 +81,7 @@ def export_onnx(model: Method, class_name: str, path: PathLike, batch_size: int 
                 "method": model.name, "mean": json.dumps(mean), "std": json.dumps(std),
                 "input": "images (B, 3, S, S): RGB resized to S x S (bicubic), scaled to [0, 1], normalised",
                 "outputs": "image_scores (B,) P(abnormal); anomaly_maps (B, S, S) in [0, 1]",
-                "hsf": HSF_NOTE if getattr(getattr(model.cfg, "fusion", None), "use_hsf", False) else "no HSF in this model",
+                "hsf": HSF_NOTE if uses_hsf(model) else "HSF off in this model",
                 "text": "computed in the graph (dynamic text prompts)" if graph.text_is_dynamic else
                         "precomputed constants (no dynamic text prompt)",
                 "config": json.dumps(model.cfg.to_dict()),
