@@ -430,12 +430,9 @@ def test_few_shot(base, images, tokens):
     assert (fs.pixel_scores - zero.pixel_scores).abs().max() > 10 * ATOL
 
 
-@pytest.mark.xfail(strict=True, reason="our harmonic aggregation is a matrix product: a window score of exactly 0 "
-                   "(a query window identical to a memory window, v = 0) gives 1/0 = inf, and inf * 0 from the "
-                   "incidence matrix turns the whole map and the image score into NaN; anomalib's loop (and "
-                   "zqhang's) only sums the covering windows (n / inf = 0) and then applies nan_to_num")
 def test_few_shot_query_equal_to_a_shot(base, images):
-    """A query that is one of the shots: its windows' association scores are exactly 0."""
+    """A query that is one of the shots: its windows' association scores are exactly 0, which the
+    references' loops turn into 0 at the covered patches (no NaN: only covering windows are summed)."""
     refs = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(11))
     mem = base.few_shot_memory()
     mem.add("key", refs, "bottle")

@@ -145,11 +145,14 @@ class WinCLIP(Method):
         return torch.softmax(logits, dim=-1)[..., 1]
 
     def harmonic(self, scores: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Per scale: window scores (B, n_win) -> patch scores (B, N), n(p) / Σ_{w ∋ p} 1 / s_w."""
+        """Per scale: window scores (B, n_win) -> patch scores (B, N), n(p) / Σ_{w ∋ p} 1 / s_w. Only the
+        windows covering p enter the sum, so a score of exactly 0 (a query window equal to a memory
+        window) gives 0 at its patches, as both references' loops do, not 0 · inf = NaN elsewhere."""
         out = []
         for i, s in enumerate(scores):
-            inc = self._incidence(i)                                              # (N, n_win)
-            out.append(inc.sum(1) / ((1.0 / s) @ inc.T))
+            covers = self._incidence(i) > 0                                       # (N, n_win)
+            inverse = torch.where(covers, 1.0 / s[:, None, :], torch.zeros((), dtype=s.dtype, device=s.device))
+            out.append(covers.sum(1) / inverse.sum(-1))                           # (B, N)
         return out
 
     def upsample(self, grid_map: torch.Tensor) -> torch.Tensor:
@@ -203,8 +206,10 @@ class WinCLIPMemory:
 
     @staticmethod
     def association(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-        """v = 0.5 · min over the memory of (1 - cos): queries (n, C) -> (n,)."""
-        return 0.5 * (1 - (F.normalize(queries.float(), dim=-1) @ bank.T).max(dim=-1).values)
+        """v = 0.5 · min over the memory of (1 - cos): queries (n, C) -> (n,); clipped at 0, since a
+        query equal to a memory item gives 1 - cos a hair below 0 in float32, and the harmonic sums
+        of ±tiny inverses would cancel to n / 0."""
+        return (0.5 * (1 - (F.normalize(queries.float(), dim=-1) @ bank.T).max(dim=-1).values)).clamp(min=0)
 
     def apply(self, out: MethodOutput, keys: Sequence[str]) -> MethodOutput:
         if out.details is None or out.patch_tokens is None:
