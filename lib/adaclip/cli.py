@@ -283,6 +283,7 @@ def main(argv=None) -> int:
     d.set_defaults(fn=_download)
 
     from .methods import available
+    from .pipeline import DEFAULT_BASELINES
 
     t = sub.add_parser("train", help="train a method on annotated manifests (training-free methods: a run folder)")
     t.add_argument("--train", nargs="+", required=True, help="training manifests (e.g. sample/mvtec.csv)")
@@ -355,9 +356,9 @@ def main(argv=None) -> int:
     r.add_argument("--params-file", default=None, help="YAML file of notebook parameters (e.g. notebooks/params/paper.yaml)")
     r.add_argument("--notebooks", nargs="*", help="subset of notebooks to run (default: all, in order)")
     r.add_argument("--force", action="store_true", help="rerun notebooks that already finished")
-    r.add_argument("--baselines", nargs="*", default=["clip"], choices=["clip", "linear"],
-                   help="baselines run beside it (notebooks 01, 02 into <run>/baselines/<name>) and compared "
-                        "in 03; default: clip; give none to skip")
+    r.add_argument("--baselines", nargs="*", default=list(DEFAULT_BASELINES), choices=available(),
+                   help="methods run beside it (notebooks 01, 02 into <run>/baselines/<name>) and compared "
+                        f"in 03; default: {' '.join(DEFAULT_BASELINES)}; give none to skip")
     r.set_defaults(fn=_pipeline)
 
     w = sub.add_parser("sweep", help="run notebooks 01 and 02 for every configuration of a sweep file")

@@ -5,7 +5,7 @@ parameters that its ``parameters`` cell defines. A notebook whose executed copy 
 same parameters is skipped, so a killed pipeline resumes where it stopped (``force=True`` reruns all;
 training itself resumes from its last epoch).
 
-``baselines`` (default: the training-free ``clip``) run notebooks 01 and 02 again with
+``baselines`` (default: APRIL-GAN, WinCLIP and zero-shot CLIP) run notebooks 01 and 02 again with
 ``method=<baseline>`` into ``results/<run>/baselines/<baseline>/``, and notebook 03 compares them
 with the run. Kernels talk over IPC sockets (no unencrypted TCP, no kernel warning in the log).
 """
@@ -27,6 +27,8 @@ from .data.registry import REPO_ROOT, results_root
 from .runs import BASELINE_DIR
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+# the methods run beside a run (notebooks 01 and 02 into <run>/baselines/<method>/) and compared with it
+DEFAULT_BASELINES = ("aprilgan", "winclip", "clip")
 
 
 class IPCKernelManager(AsyncKernelManager):
@@ -119,7 +121,7 @@ def check_parameters(params: dict, declared: Optional[dict] = None) -> None:
 
 
 def plan_pipeline(run: str = "default", params: Optional[dict] = None, notebooks_to_run: Optional[Iterable[str]] = None,
-                  results_dir: Optional[Path] = None, baselines: Sequence[str] = ("clip",)) -> list[tuple]:
+                  results_dir: Optional[Path] = None, baselines: Sequence[str] = DEFAULT_BASELINES) -> list[tuple]:
     """What `run_pipeline` would execute: (notebook, executed copy, parameters it gets), in order.
     Raises ValueError for a parameter no notebook takes."""
     params = {k: coerce(v) if isinstance(v, str) else v for k, v in (params or {}).items()}
@@ -150,7 +152,7 @@ def plan_pipeline(run: str = "default", params: Optional[dict] = None, notebooks
 
 def run_pipeline(run: str = "default", params: Optional[dict] = None, notebooks_to_run: Optional[Iterable[str]] = None,
                  force: bool = False, kernel: str = "python3", results_dir: Optional[Path] = None,
-                 baselines: Sequence[str] = ("clip",), **kwargs) -> list[Path]:
+                 baselines: Sequence[str] = DEFAULT_BASELINES, **kwargs) -> list[Path]:
     import papermill as pm
 
     written = []
