@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adaclip import AdaCLIP, AdaCLIPConfig, EvalCfg
+from adaclip import AdaCLIP, AdaCLIPConfig, EvalCfg, methods
 from adaclip.data import AnomalyDataset, build_manifest, read_manifests
 from adaclip.data.registry import resolve_manifest, resolve_root
 from adaclip.data.synthetic import make_synthetic
@@ -159,7 +159,7 @@ def test_k_shot_is_a_notebook_parameter_and_a_sweep_axis(tmp_path):
     drawn = draw_references(rows, test, 2, 1)
     assert few_shot["k_shot"] == 2 and few_shot["seed"] == 1
     assert few_shot["references"] == {f"{d}/{c}": list(r.image) for (d, c), r in drawn.items()}
-    expected = evaluate(AdaCLIP.load(run / "model.pt"), test, resolve_root("sample"),
+    expected = evaluate(methods.load(run / "model.pt"), test, resolve_root("sample"),
                         EvalCfg(batch_size=8, k_shot=2, shot_seed=1), progress=False, references=rows).scores
     np.testing.assert_allclose(pd.read_csv(run / "scores.csv").score, expected.score, rtol=0, atol=1e-6)
 

@@ -188,8 +188,9 @@ def qualitative_examples(runs: Runs, results_dir: PathLike, n: int = 3) -> dict:
 def swept_parameters(table: pd.DataFrame) -> list[str]:
     """The parameters of a sweep table that take more than one value."""
     skip = {"config_id", "status", "error", "backbone_weights", "dataset", "category", "images", "anomalous",
-            "image_threshold", *METRIC_KEYS}
-    return [c for c in table.columns if c not in skip and table[c].astype(str).nunique() > 1]
+            "image_threshold", "pixel_threshold", *METRIC_KEYS}
+    # a parameter a configuration leaves at its default (None, NaN in sweep.csv) is a value of its own
+    return [c for c in table.columns if c not in skip and table[c].map(str).nunique() > 1]
 
 
 def dataset_rows(metrics: pd.DataFrame) -> pd.DataFrame:

@@ -7,12 +7,13 @@
     adaclip download mvtec --root data              resumable, checksummed download + extract
     adaclip download mvtec --root data --url URL    the same from another link (--sha256 HASH to check it)
     adaclip train --train sample/mvtec.csv --root sample --run r --backbone adaclip-tiny --pretrained none --image-size 64
+    adaclip train --method aprilgan ...             any method (its paper's recipe unless options say otherwise)
     adaclip evaluate --checkpoint results/r/model.pt --test sample/visa.csv --root sample --run r
-    adaclip pipeline --run default                  run notebooks 00-04 with papermill (+ the clip baseline)
+    adaclip pipeline --run default                  run notebooks 00-04 with papermill (+ aprilgan, winclip, clip beside it)
     adaclip sweep notebooks/params/ablations_tiny.yaml --run tiny   notebooks 01-02 per configuration, sweep.csv
     adaclip predict imgs/ --checkpoint results/r/model.pt --class-name bottle --out preds [--masks]
     adaclip export --checkpoint results/r/model.pt --class-name bottle --out bottle.onnx
-    adaclip benchmark [--backbone ViT-B-16 ...]     speed and memory numbers
+    adaclip benchmark [--method winclip] [--backbone ViT-B-16 ...]   speed and memory numbers
 """
 from __future__ import annotations
 

@@ -240,6 +240,8 @@ def sweep_table(sweep_dir: PathLike, configs: list[SweepConfig], status: Optiona
                **{k: _show(c.params[k]) if isinstance(c.params.get(k), (list, dict)) else c.params.get(k)
                   for k in params}}
         config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+        # every configuration says which method ran (a sweep need not vary it)
+        row["method"] = config.get("method") or c.params.get("method") or defaults.get("method")
         row["backbone_weights"] = config.get("backbone_weights")
         if (folder / "metrics.csv").is_file() and state != "failed":
             metrics = pd.read_csv(folder / "metrics.csv")

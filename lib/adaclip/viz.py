@@ -217,7 +217,7 @@ def ablation_bars(table: pd.DataFrame, parameter: str, metric: str = "pixel_auro
     """Bars of ``metric`` (percent) for each value of a swept ``parameter``, one hue per dataset, with
     the baseline's value as a dashed reference line. ``table``: dataset-level rows of a sweep."""
     data = table.dropna(subset=[metric]).assign(value=lambda d: d[metric] * 100,
-                                                **{parameter: lambda d: d[parameter].astype(str)})
+                                                **{parameter: lambda d: d[parameter].map(lambda v: "None" if pd.isna(v) else str(v))})
     with paper_style():
         fig, ax = plt.subplots(figsize=(COLUMN, 2.2))
         sns.barplot(data=data, x=parameter, y="value", hue="dataset", ax=ax, errorbar=None)
