@@ -177,3 +177,14 @@ def test_run_labels_and_missing_runs(tmp_path):
     assert analysis.run_labels(runs) == {"a": "adaclip", "b": "clip"}
     with pytest.raises(FileNotFoundError, match="evaluate it first"):
         analysis.load_runs(tmp_path, ["nowhere"])
+
+
+def test_a_run_is_compared_with_the_baselines_beside_it(tmp_path):
+    """Notebook 03 opened on its own (runs=None) compares what the pipeline compares: the run and
+    every evaluated baseline in results/<run>/baselines/."""
+    for folder in ("r", "r/baselines/clip", "r/baselines/winclip", "r/baselines/linear"):
+        (tmp_path / folder).mkdir(parents=True)
+    for folder in ("r", "r/baselines/clip", "r/baselines/winclip"):
+        (tmp_path / folder / "metrics.csv").write_text("dataset\n")
+    assert analysis.run_with_baselines(tmp_path, "r") == ["r", "r/baselines/clip", "r/baselines/winclip"]
+    assert analysis.run_with_baselines(tmp_path, "elsewhere") == ["elsewhere"]

@@ -3,10 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adaclip import AdaCLIP, AdaCLIPConfig, BackboneCfg
-from adaclip.model import WeightsUnavailableError, build_clip
-from adaclip.model.backbone import (WEIGHTS_ENV, default_out_layers, encode_image, encode_text,
-                                    resize_pos_embed, resolve_weights)
+from adaclip import BackboneCfg, methods
+from adaclip.backbone import WeightsUnavailableError, build_clip
+from adaclip.backbone import WEIGHTS_ENV, default_out_layers, encode_image, encode_text
+from adaclip.backbone.clip import resize_pos_embed, resolve_weights
 
 
 def test_quarter_depth_out_layers():
@@ -104,10 +104,9 @@ def test_activation_is_each_methods_reference_and_recorded():
     QuickGELU; an explicit setting wins either way. The resolved value is in the config."""
     def build(**kw):
         method = kw.pop("method", "adaclip")
-        cfg = AdaCLIPConfig(backbone=BackboneCfg(name="ViT-L-14-336", pretrained=None, image_size=336, **kw),
-                            method=method)
+        cfg = methods.config(method, backbone=dict(name="ViT-L-14-336", pretrained=None, image_size=336, **kw))
         with torch.device("meta"):
-            model = AdaCLIP(cfg, device="meta")
+            model = methods.get(method)(cfg, device="meta")
         return model, model.cfg.backbone.quick_gelu
     model, recorded = build()
     assert _activations(model.clip) == ("GELU", "GELU") and recorded is False
@@ -117,6 +116,10 @@ def test_activation_is_each_methods_reference_and_recorded():
     assert _activations(model.clip) == ("QuickGELU", "QuickGELU") and recorded is True
     model, recorded = build(method="clip", quick_gelu=False)
     assert _activations(model.clip) == ("GELU", "GELU") and recorded is False
+    model, recorded = build(method="aprilgan")                     # APRIL-GAN's reference at 518 px: GELU too
+    assert _activations(model.clip) == ("GELU", "GELU") and recorded is False
+    # WinCLIP as its weights' tag says: laion400m_e31 was trained with GELU
+    assert methods.WinCLIP.default_quick_gelu(methods.WinCLIPConfig()) is False
     # a -quickgelu config says so itself, and False still overrides it
     with torch.device("meta"):
         assert _activations(build_clip(BackboneCfg(name="ViT-B-16-quickgelu", pretrained=None, image_size=224), device="meta")) \
@@ -133,11 +136,9 @@ def test_paper_setting_runs_gelu_and_its_clip_baseline_quick_gelu():
 
     p = yaml.safe_load((NOTEBOOK_DIR / "params" / "paper.yaml").read_text())
     for method, expected in (("adaclip", ("GELU", "GELU")), ("clip", ("QuickGELU", "QuickGELU"))):
-        cfg = AdaCLIPConfig.from_params(p["backbone"], None, p["image_size"], p["prompt_depth"], p["prompt_length"],
-                                        p["prompt_type"], p["prompt_branch"], p["use_hsf"], p["k_clusters"],
-                                        method, p["quick_gelu"])
+        cfg, _ = methods.config_from_params(method, **{**p, "pretrained": "random"})
         with torch.device("meta"):
-            assert _activations(AdaCLIP(cfg, device="meta").clip) == expected
+            assert _activations(methods.get(method)(cfg, device="meta").clip) == expected
 
 
 def test_random_init_is_seeded_by_config():

@@ -1,30 +1,31 @@
-"""The baselines: training-free zero-shot CLIP and learned linear projections (APRIL-GAN's recipe),
-through the same model, training, evaluation and run folders as AdaCLIP."""
+"""The baselines: training-free zero-shot CLIP and learned linear projections (AdaCLIP's recipe
+without prompts and HSF), each a method module, through the same training, evaluation and run folders."""
 import json
 
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
 
-from adaclip import AdaCLIP, AdaCLIPConfig, EvalCfg, TrainCfg
+from adaclip import EvalCfg, TrainCfg, methods
 from adaclip.data import build_manifest
 from adaclip.data.registry import resolve_root
 from adaclip.evaluate import evaluate
-from adaclip.model.fusion import gaussian_blur
-from adaclip.text import state_sentences
+from adaclip.methods.shared import gaussian_blur
+from adaclip.methods.ensembles import state_sentences
 from adaclip.train import load_log, train
 
 
 def _cfg(method):
-    cfg = AdaCLIPConfig.tiny()
-    return AdaCLIPConfig.from_dict({**cfg.to_dict(), "method": method})
+    return methods.config(method, backbone=dict(name="adaclip-tiny", pretrained=None, image_size=32))
 
 
 def _stock_text_features(model, name):
     normal, abnormal = state_sentences(name)
+    tokenizer = open_clip.get_tokenizer("adaclip-tiny")
     feats = []
     for sentences in (normal, abnormal):
-        f = model.clip.encode_text(model.tokenizer(sentences), normalize=True).mean(0)
+        f = model.clip.encode_text(tokenizer(sentences), normalize=True).mean(0)
         feats.append(f / f.norm())
     return torch.stack(feats, dim=1)                                          # (D, 2)
 
@@ -33,9 +34,8 @@ def test_clip_baseline_is_zero_shot_clip(images):
     """Last-layer patch tokens through CLIP's own ln_post and projection against the same text
     ensemble, maps upsampled and smoothed as AdaCLIP's; image score from the class token."""
     torch.manual_seed(0)
-    model = AdaCLIP.from_config(_cfg("clip")).eval()
-    assert model.learnable_parameters() == [] and model.out_layers == (4,)
-    assert model.cfg.prompts.branch == "" and not model.cfg.fusion.use_hsf
+    model = methods.CLIPBaseline(_cfg("clip")).eval()
+    assert model.learnable_parameters() == [] and model.out_layers == (4,) and model.cfg.backbone.quick_gelu
     with torch.no_grad():
         out = model(images, "bottle", return_layer_maps=True)
         v = model.clip.visual
@@ -56,7 +56,7 @@ def test_clip_baseline_is_zero_shot_clip(images):
 
 def test_linear_baseline_learns_patch_projections_only(images):
     torch.manual_seed(0)
-    model = AdaCLIP.from_config(_cfg("linear")).eval()
+    model = methods.LinearBaseline(_cfg("linear")).eval()
     names = {n.split(".")[0] for n, _ in model.named_parameters() if not n.startswith("clip.")}
     assert names == {"patch_proj"} and model.out_layers == (1, 2, 3, 4)
     with torch.no_grad():
@@ -67,8 +67,8 @@ def test_linear_baseline_learns_patch_projections_only(images):
 
 
 def test_unknown_method_is_refused():
-    with pytest.raises(ValueError, match="method must be one of"):
-        AdaCLIPConfig(method="winclip")
+    with pytest.raises(ValueError, match="unknown method 'patchcore'; available"):
+        methods.create("patchcore")
 
 
 @pytest.mark.parametrize("method", ["clip", "linear"])
@@ -80,9 +80,9 @@ def test_baselines_are_runs_like_any_other(tmp_path, method):
     log = load_log(tmp_path)
     assert (len(log) == 0) == (method == "clip")
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["model"]["method"] == method and config["backbone_weights"] == "random"
-    reloaded = AdaCLIP.load(tmp_path / "model.pt")
-    assert reloaded.cfg.method == method
+    assert config["method"] == method and config["backbone_weights"] == "random"
+    reloaded = methods.load(tmp_path / "model.pt")
+    assert reloaded.name == method and type(reloaded) is methods.get(method)
     result = evaluate(reloaded, build_manifest("visa", root), root, EvalCfg(batch_size=8), run_dir=tmp_path,
                       progress=False)
     assert result.metrics.pixel_auroc.notna().all()

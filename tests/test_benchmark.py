@@ -15,3 +15,18 @@ def test_benchmark_runs_on_the_tiny_model(capsys):
             "  maps and HSF (the rest), batch 2"} <= set(names)
     assert any(n.startswith("floor: bare open_clip") for n in names) and any(n.startswith("pixel metrics") for n in names)
     assert "with activation checkpointing" in dict(rows)["peak memory, training step batch 2"]
+
+
+def test_benchmark_of_each_method(capsys):
+    """`adaclip benchmark --method NAME`: WinCLIP's cost against a bare forward (no training rows:
+    it learns nothing), APRIL-GAN's training step."""
+    from adaclip import methods
+    from adaclip.benchmark import main
+
+    main(["--method", "winclip", "--backbone", "adaclip-tiny", "--image-size", "32", "--batch-size", "2",
+          "--repeats", "1", "--no-memory"])
+    out = capsys.readouterr().out
+    assert "winclip: adaclip-tiny @ 32, batch 2" in out and "x the floor" in out and "winclip learns nothing" in out
+    rows = dict(run(batch_size=2, repeats=1, memory=False, method="aprilgan",
+                    cfg=methods.config("aprilgan", backbone=dict(name="adaclip-tiny", pretrained=None, image_size=32))))
+    assert "training step, batch 2" in rows and rows["config"].startswith("aprilgan:")

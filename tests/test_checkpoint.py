@@ -93,7 +93,7 @@ def _activation(model) -> str:
 def test_official_files_load_with_the_gelu_they_were_trained_with(tiny_cfg, images, tmp_path):
     """`from_official` (what notebook 02, 04 and `--official` use) builds the paper's setting with exact
     GELU; asking for QuickGELU works but warns that the file was trained with GELU."""
-    from adaclip.model.checkpoint import official_config
+    official_config = AdaCLIP.official_config
 
     paper = official_config()
     assert (paper.backbone.name, paper.backbone.image_size, paper.backbone.quick_gelu) == ("ViT-L-14-336", 518, False)

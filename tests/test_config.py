@@ -37,3 +37,31 @@ def test_random_weights_spelled_out():
     assert BackboneCfg(pretrained="none").pretrained is None
     assert BackboneCfg(pretrained="random").pretrained is None
     assert PromptCfg(type="DS").type == "SD"
+
+
+def test_each_method_config_defaults_to_its_papers_setting():
+    from adaclip import methods
+
+    a = methods.config("aprilgan")
+    assert (a.backbone.name, a.backbone.pretrained, a.backbone.image_size, a.smoothing_sigma) == \
+        ("ViT-L-14-336", "openai", 518, 0.0)
+    w = methods.config("winclip")
+    assert (w.backbone.name, w.backbone.pretrained, w.backbone.image_size, w.scales, w.temperature) == \
+        ("ViT-B-16-plus-240", "laion400m_e31", 240, (2, 3), 0.07)
+    t = methods.train_config("aprilgan")
+    assert (t.optimizer, t.lr, t.batch_size, t.epochs, t.aug_rate) == ("adam", 1e-3, 8, 3, 0.2)
+    assert methods.train_config("adaclip") == TrainCfg()                  # TrainCfg's defaults are AdaCLIP's
+    assert methods.train_config("aprilgan", epochs=15, lr=None).epochs == 15   # None keeps the recipe
+
+
+def test_method_configs_round_trip_with_nested_sections():
+    from adaclip import methods
+
+    for name in methods.available():
+        cfg = methods.config(name, image_size=64, pretrained=None)
+        again = type(cfg).from_dict(cfg.to_dict())
+        assert again == cfg and isinstance(again.backbone, BackboneCfg) and again.backbone.image_size == 64
+    with pytest.raises(ValueError, match="no config field 'prompt_depth'"):
+        methods.config("aprilgan", prompt_depth=3)
+    cfg, unused = methods.config_from_params("aprilgan", backbone="adaclip-tiny", prompt_depth=2, pretrained=None)
+    assert cfg.backbone.name == "adaclip-tiny" and cfg.backbone.pretrained == "openai" and unused == ["prompt_depth"]

@@ -226,3 +226,24 @@ def test_a_rank_that_never_reaches_a_collective_times_out(tmp_path):
     code, out = run_script(tmp_path, script, {"ADACLIP_DIST_TIMEOUT": "4"}, timeout=150)
     assert code is not None, "the job was still waiting: ADACLIP_DIST_TIMEOUT was not applied\n" + out[-3000:]
     assert code != 0 and "Timed out" in out and "4000ms" in out, out[-4000:]
+
+
+def test_other_methods_train_and_evaluate_under_torchrun(tmp_path, monkeypatch):
+    """APRIL-GAN trains under torchrun through the same command (its own loss and recipe), and its
+    few-shot evaluation, sharded over two ranks, equals one process."""
+    tiny = ["--backbone", "adaclip-tiny", "--pretrained", "none", "--image-size", "32"]
+    torchrun(["train", "--method", "aprilgan", "--train", "sample/mvtec.csv", "--root", "sample", "--run-name", "t",
+              "--epochs", "1", "--batch-size", "2", *tiny], tmp_path / "two")
+    config = json.loads((tmp_path / "two" / "t" / "config.json").read_text())
+    assert config["method"] == "aprilgan" and config["train"]["optimizer"] == "adam" and config["train"]["lr"] == 1e-3
+    assert len(pd.read_csv(tmp_path / "two" / "t" / "train_log.csv")) == 4        # 15 images / (2 ranks x batch 2)
+    model = tmp_path / "two" / "t" / "model.pt"
+    args = ["evaluate", "--checkpoint", str(model), "--test", "sample/visa.csv", "--root", "sample", "--run-name", "e",
+            "--batch-size", "3", "--k-shot", "2"]
+    single(args, tmp_path / "one", monkeypatch)
+    torchrun(args, tmp_path / "two")
+    one, two = (pd.read_csv(tmp_path / r / "e" / "metrics.csv") for r in ("one", "two"))
+    pixel = [c for c in one.columns if c.startswith("pixel_")]
+    pd.testing.assert_frame_equal(one[pixel], two[pixel], check_exact=False, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(*(pd.read_csv(tmp_path / r / "e" / "scores.csv").score for r in ("one", "two")),
+                               atol=1e-5)

@@ -11,7 +11,7 @@ from adaclip import AdaCLIP, AdaCLIPConfig, FusionCfg
 from adaclip.data import build_manifest
 from adaclip.data.registry import resolve_root
 from adaclip.explore import Explorer, inspect
-from adaclip.model.fusion import gaussian_blur
+from adaclip.methods.shared import gaussian_blur
 
 ROOT = resolve_root("sample")
 
@@ -35,7 +35,7 @@ def test_inspect_keeps_every_intermediate_result():
     # the smoothed map is the raw map through the Gaussian filter
     np.testing.assert_allclose(found.anomaly_map, gaussian_blur(torch.from_numpy(found.raw_map)[None], 4.0)[0].numpy(),
                                atol=1e-5)
-    assert len(found.layer_maps) == 4 and found.out_layers == (1, 2, 3, 4)
+    assert len(found.layer_maps) == 4 and found.layer_names == ("layer 1", "layer 2", "layer 3", "layer 4")
     np.testing.assert_allclose(found.layer_maps[2], out.layer_maps[2][0, 1].numpy(), atol=1e-6)
     assert found.grid == 4 and len(found.hsf_patches) == 15 and set(found.hsf_clusters) <= {0, 1, 2}
     assert len(set(found.hsf_patches.tolist())) == 15                        # the top 5·k distinct patches
@@ -65,6 +65,9 @@ def test_explorer_callbacks(tmp_path):
     assert explorer.class_name.value == "macaroni1" and explorer.model_calls == calls + 1
     explorer.steps.selected_index = 0                                         # open "step through the method"
     assert len(explorer.steps_output.outputs) == 3 and explorer.model_calls == calls + 1
+    explorer.class_name.value = "macaroni with a dent"          # with the steps open: a model run still says so
+    assert explorer.model_calls == calls + 2 and explorer.status.value.startswith("model run (")
+    explorer.class_name.value = "macaroni1"
     figures = explorer.step_figures()
     assert set(figures) == {"layers", "smoothing", "hsf"}
     assert [ax.get_title() for ax in figures["layers"].axes[:4]] == [f"layer {k}" for k in (1, 2, 3, 4)]
@@ -133,3 +136,19 @@ def test_categories_follow_the_dataset_and_empty_selections_say_what_to_change(t
     explorer.dataset.value = "visa"
     assert set(explorer.category.options) == {"(all)", "capsules", "macaroni1"}
     assert explorer.image.options and explorer.figure() is not None
+
+
+@pytest.mark.parametrize("method, steps", [("aprilgan", {"layers"}), ("winclip", {"layers"}), ("clip", {"layers", "smoothing"})])
+def test_every_method_is_explored_with_what_it_has(tmp_path, method, steps):
+    """Any method in the explorer: its map and score, and the intermediate maps it has (APRIL-GAN's
+    layers, WinCLIP's window scales, the clip baseline's layer and smoothing)."""
+    from adaclip import methods
+
+    torch.manual_seed(0)
+    model = methods.create(method, backbone=dict(name="adaclip-tiny", pretrained=None, image_size=32)).eval()
+    explorer = Explorer(model, build_manifest("visa", ROOT), ROOT, figures_dir=tmp_path)
+    assert explorer.status.value.startswith("model run (") and explorer.figure() is not None
+    figures = explorer.step_figures()
+    assert set(figures) == steps
+    if method == "winclip":
+        assert [ax.get_title() for ax in figures["layers"].axes[:2]] == ["2x2 windows", "3x3 windows"]

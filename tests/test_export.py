@@ -7,7 +7,7 @@ import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 
-from adaclip import AdaCLIP, AdaCLIPConfig, FusionCfg, PromptCfg, cli
+from adaclip import AdaCLIP, AdaCLIPConfig, FusionCfg, PromptCfg, cli, methods
 from adaclip.export import InferenceGraph, compare_with_torch
 
 onnx = pytest.importorskip("onnx", reason="the optional extra 'export' (make test installs it)")
@@ -97,3 +97,27 @@ def test_static_text_is_precomputed(tmp_path):
 def test_export_of_a_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert cli.main(["export", "--checkpoint", str(tmp_path / "none.pt"), "--class-name", "bottle"]) == 2
     assert "none.pt does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["aprilgan", "winclip", "clip"])
+def test_every_method_exports_and_matches_pytorch(tmp_path, method):
+    """The other methods' graphs too: APRIL-GAN's heads and summed maps, WinCLIP's packed window pass
+    and harmonic aggregation, the clip baseline; text features are constants in each."""
+    torch.manual_seed(0)
+    model = methods.create(method, backbone=dict(name="adaclip-tiny", pretrained=None, image_size=32)).eval()
+    with torch.no_grad():
+        for p in model.learnable_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save(tmp_path / "model.pt")
+    out = tmp_path / f"{method}.onnx"
+    assert cli.main(["export", "--checkpoint", str(tmp_path / "model.pt"), "--class-name", "metal_nut", "--out",
+                     str(out), "--batch-size", "2"]) == 0
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    assert meta["method"] == method and "precomputed constants" in meta["text"]
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    scores, maps = session.run(None, {"images": images.numpy()})
+    with torch.no_grad():
+        ref = model(images, "metal_nut")
+    np.testing.assert_allclose(scores, ref.image_scores.numpy(), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(maps, ref.pixel_scores.numpy(), rtol=0, atol=1e-4)

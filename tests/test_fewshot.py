@@ -7,13 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adaclip import AdaCLIP, AdaCLIPConfig, EvalCfg
+from adaclip import AdaCLIP, AdaCLIPConfig, EvalCfg, methods
 from adaclip.data import AnomalyDataset, build_manifest, read_manifests
 from adaclip.data.registry import resolve_manifest, resolve_root
 from adaclip.data.synthetic import make_synthetic
 from adaclip.evaluate import evaluate
-from adaclip.fewshot import FewShotMemory, draw_references
-from adaclip.model.fusion import gaussian_blur
+from adaclip.fewshot import draw_references
+from adaclip.methods.shared import gaussian_blur
 from adaclip.pipeline import check_parameters
 from adaclip.sweep import run_sweep
 
@@ -39,7 +39,7 @@ def test_memory_map_by_hand(images, sigma):
     hard-coded default apart)."""
     model = _model(sigma)
     refs = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(7))
-    memory = FewShotMemory(model)
+    memory = model.few_shot_memory()
     memory.add("d/widget", refs, "widget")
     with torch.no_grad():
         out = model(images, "widget", return_tokens=True)
@@ -94,7 +94,7 @@ def test_evaluate_k_shot_scores_each_row_with_its_own_category_memory(synthetic)
     cfg = EvalCfg(batch_size=3, k_shot=2, shot_seed=3)
     got = evaluate(model, test, root, cfg, progress=False, references=df).scores.score.values
     drawn = draw_references(df, test, 2, 3)
-    memory = FewShotMemory(model)
+    memory = model.few_shot_memory()
     for (name, category), rows in drawn.items():
         refs = AnomalyDataset(rows, root, model.transform, model.image_size)
         memory.add(f"{name}/{category}", torch.stack([refs[i]["image"] for i in range(len(refs))]), category)
@@ -146,7 +146,7 @@ def test_k_shot_is_a_notebook_parameter_and_a_sweep_axis(tmp_path):
     with pytest.raises(ValueError, match=">= 0"):
         EvalCfg(k_shot=-1)
     spec = {"base": {"data_root": "sample", "train_manifests": ["sample/mvtec.csv"],
-                     "test_manifests": ["sample/visa.csv"], "backbone": "adaclip-tiny", "pretrained": None,
+                     "test_manifests": ["sample/visa.csv"], "backbone": "adaclip-tiny", "pretrained": "random",
                      "image_size": 32, "method": "clip", "n_examples": 1, "save_maps": False, "batch_size": 8},
             "configs": [{"k_shot": 2, "shot_seed": 1}]}
     table = run_sweep(spec, "shots", results_dir=tmp_path)
@@ -159,6 +159,61 @@ def test_k_shot_is_a_notebook_parameter_and_a_sweep_axis(tmp_path):
     drawn = draw_references(rows, test, 2, 1)
     assert few_shot["k_shot"] == 2 and few_shot["seed"] == 1
     assert few_shot["references"] == {f"{d}/{c}": list(r.image) for (d, c), r in drawn.items()}
-    expected = evaluate(AdaCLIP.load(run / "model.pt"), test, resolve_root("sample"),
+    expected = evaluate(methods.load(run / "model.pt"), test, resolve_root("sample"),
                         EvalCfg(batch_size=8, k_shot=2, shot_seed=1), progress=False, references=rows).scores
     np.testing.assert_allclose(pd.read_csv(run / "scores.csv").score, expected.score, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["aprilgan", "winclip"])
+def test_each_method_evaluates_few_shot_with_its_own_memory(synthetic, tmp_path, method):
+    """k-shot evaluation through the same harness with APRIL-GAN's and WinCLIP+'s own memories: the
+    scores are each image's, scored alone by hand against its category's references."""
+    from adaclip import methods
+
+    root, df = synthetic
+    test = df[df.split == "test"].reset_index(drop=True)
+    torch.manual_seed(0)
+    model = methods.create(method, backbone=dict(name="adaclip-tiny", pretrained=None, image_size=32)).eval()
+    cfg = EvalCfg(batch_size=4, k_shot=2, shot_seed=1)
+    got = evaluate(model, test, root, cfg, run_dir=tmp_path, progress=False, references=df).scores.score.values
+    assert json.loads((tmp_path / "config.json").read_text())["transductive_image_scores"] is False
+    memory = model.few_shot_memory()
+    for (name, category), rows in draw_references(df, test, 2, 1).items():
+        refs = AnomalyDataset(rows, root, model.transform, model.image_size)
+        memory.add(f"{name}/{category}", torch.stack([refs[i]["image"] for i in range(len(refs))]), category)
+    images = AnomalyDataset(test, root, model.transform, model.image_size)
+    with torch.no_grad():
+        want = [float(memory.apply(model(images[i]["image"][None], test.category[i], return_tokens=True),
+                                   [f"{test.dataset[i]}/{test.category[i]}"]).image_scores[0]) for i in range(len(test))]
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_a_transductive_image_score_is_computed_per_category_and_flagged(synthetic, tmp_path):
+    """APRIL-GAN's faithful few-shot score normalises each image's map maximum over its category's test
+    images: evaluation applies it per category (not per batch), and says so in config.json and metrics."""
+    from adaclip import methods
+
+    root, df = synthetic
+    test = df[df.split == "test"].reset_index(drop=True)
+    torch.manual_seed(0)
+    model = methods.create("aprilgan", backbone=dict(name="adaclip-tiny", pretrained=None, image_size=32),
+                           few_shot_image_score="test_minmax").eval()
+    result = evaluate(model, test, root, EvalCfg(batch_size=4, k_shot=2, shot_seed=1), run_dir=tmp_path,
+                      progress=False, references=df)
+    assert json.loads((tmp_path / "config.json").read_text())["transductive_image_scores"] is True
+    rows = result.metrics[result.metrics.category != "mean"]
+    assert len(rows) == 2 and rows.note.str.contains("transductive").all()
+    memory = model.few_shot_memory()
+    for (name, category), rows in draw_references(df, test, 2, 1).items():
+        refs = AnomalyDataset(rows, root, model.transform, model.image_size)
+        memory.add(f"{name}/{category}", torch.stack([refs[i]["image"] for i in range(len(refs))]), category)
+    images = AnomalyDataset(test, root, model.transform, model.image_size)
+    with torch.no_grad():
+        parts = np.array([memory.apply(model(images[i]["image"][None], test.category[i], return_tokens=True),
+                                       [f"{test.dataset[i]}/{test.category[i]}"]).score_parts[0].numpy()
+                          for i in range(len(test))])
+    for category in ("stripes", "checker"):
+        sel = (test.category == category).values
+        s, m = parts[sel, 0], parts[sel, 1]
+        want = 0.5 * (s + (m - m.min()) / (m.max() - m.min()))
+        np.testing.assert_allclose(result.scores.score.values[sel], want, atol=1e-5, rtol=0)

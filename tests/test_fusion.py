@@ -4,7 +4,8 @@ import torch
 from scipy.ndimage import gaussian_filter
 from sklearn.metrics import adjusted_rand_score
 
-from adaclip.model.fusion import gaussian_blur, hybrid_semantic_fusion, kmeans
+from adaclip.methods.adaclip_hsf import hybrid_semantic_fusion, kmeans
+from adaclip.methods.shared import gaussian_blur
 
 
 @pytest.mark.parametrize("size", [32, 10])

@@ -20,7 +20,7 @@ from adaclip import AdaCLIP, AdaCLIPConfig, EvalCfg
 from adaclip.data import build_manifest
 from adaclip.data.registry import resolve_root
 from adaclip.evaluate import autocast, evaluate
-from adaclip.losses import adaclip_loss
+from adaclip.methods.losses import adaclip_loss
 
 assert torch.cuda.is_available(), "torch sees no CUDA device"
 dev = torch.device("cuda")

@@ -89,7 +89,7 @@ def test_hsf_off_uses_class_feature_only(images):
     """use_hsf=False: the image score is softmax(100 · normalize(cls_proj(f)) · T)[abnormal], where f is
     the prompted pass's pooled feature, computed here by hand from the model's parts; the patch
     projections (HSF's input) then no longer move it."""
-    from adaclip.model.backbone import encode_image
+    from adaclip.backbone import encode_image
     torch.manual_seed(0)
     cfg = AdaCLIPConfig.tiny()
     cfg.fusion = FusionCfg(use_hsf=False, k_clusters=3)
@@ -123,7 +123,7 @@ def test_text_features_match_stock_encoder(images):
     # with the text tower unprompted, features are the reference's normalised ensembles of
     # stock open_clip text features
     model = _model(branch="V")
-    from adaclip.text import state_sentences
+    from adaclip.methods.ensembles import state_sentences
     normal, abnormal = state_sentences("metal-nut")
     with torch.no_grad():
         ours = model.text_features(["metal-nut"])[0]

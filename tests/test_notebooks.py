@@ -60,12 +60,15 @@ def png_widths(executed: dict, first_line: str) -> list[int]:
 
 
 def test_pipeline_runs_headless(tmp_path, capfd):
-    """00 -> 01 -> 02, the clip baseline's 01 -> 02, then 03 comparing them, on the embedded sample
-    with the tiny random backbone; kernels on IPC sockets, so no kernel warning reaches the log."""
+    """00 -> 01 -> 02, the other methods' 01 -> 02 beside it (APRIL-GAN, WinCLIP, CLIP), then 03
+    comparing them, on the embedded sample with the tiny random backbone; kernels on IPC sockets, so
+    no kernel warning reaches the log."""
     run_pipeline("smoke", params={"epochs": 1}, results_dir=tmp_path)
     assert "WARNING" not in capfd.readouterr().err
     run = tmp_path / "smoke"
-    for nb in [*NOTEBOOKS, run / "baselines/clip/01_prompt_training.ipynb", run / "baselines/clip/02_evaluation.ipynb"]:
+    beside = [run / "baselines" / m / nb for m in ("aprilgan", "winclip", "clip")
+              for nb in ("01_prompt_training.ipynb", "02_evaluation.ipynb")]
+    for nb in [*NOTEBOOKS, *beside]:
         executed = json.loads((run / nb.name if nb in NOTEBOOKS else nb).read_text())
         assert not executed["metadata"]["papermill"]["exception"]
         assert all(c["metadata"]["papermill"]["status"] == "completed" for c in executed["cells"] if c["cell_type"] == "code")
@@ -80,13 +83,15 @@ def test_pipeline_runs_headless(tmp_path, capfd):
     assert {"visa", "glass", "headct", "kvasir"} <= set(metrics.dataset)
     config = json.loads((run / "config.json").read_text())
     assert config["backbone_weights"] == "random" and config["train"]["epochs"] == 1
-    assert json.loads((run / "baselines/clip/config.json").read_text())["model"]["method"] == "clip"
+    for m in ("aprilgan", "winclip", "clip"):
+        assert json.loads((run / "baselines" / m / "config.json").read_text())["method"] == m
     figures = {p.name for p in (run / "figures").iterdir()}
     assert {"00_samples.png", "01_loss.png", "02_metrics.png", "02_maps.png", "03_scores_adaclip.png",
             "03_scores_clip.pdf", "03_curves_visa.png", "03_qualitative.png", "04_explore.png",
             "04_explore_layers.png", "04_explore_smoothing.png", "04_explore_hsf.pdf"} <= figures
     summary = (run / "summary.md").read_text()
-    assert "I-AUROC adaclip" in summary and "I-AUROC clip" in summary and "random backbone weights" in summary
+    assert all(f"I-AUROC {m}" in summary for m in ("adaclip", "aprilgan", "winclip", "clip"))
+    assert "random backbone weights" in summary and "APRIL-GAN · " in summary and "WinCLIP · " in summary
     assert "](figures/03_curves_visa.png)" in summary and "open_clip_torch" in summary
     # run again: finished notebooks are skipped, so a killed pipeline resumes where it stopped
     before = (run / "02_evaluation.ipynb").stat().st_mtime_ns
@@ -119,3 +124,21 @@ def test_params_files_only_name_real_parameters(name):
     params = yaml.safe_load((NOTEBOOK_DIR / "params" / name).read_text())
     known = set().union(*(pm.inspect_notebook(str(nb)) for nb in NOTEBOOKS))
     assert set(params) <= known
+
+
+def test_a_notebook_whose_kernel_died_is_not_finished(tmp_path):
+    """papermill marks the cells after a dead kernel "completed" without a start time and records no
+    exception; resuming must run such a notebook again."""
+    from adaclip.pipeline import finished
+
+    def executed(started: list) -> dict:
+        cell = lambda s: {"cell_type": "code", "source": "", "metadata": {"papermill": {  # noqa: E731
+            "status": "completed", "start_time": "2026-12-02T00:27:06" if s else None, "exception": False if s else None}}}
+        return {"metadata": {"papermill": {"exception": None, "parameters": {"run_name": "r"}}},
+                "cells": [cell(s) for s in started]}
+
+    path = tmp_path / "04_explore.ipynb"
+    path.write_text(json.dumps(executed([True, True, True])))
+    assert finished(path, {"run_name": "r"})
+    path.write_text(json.dumps(executed([True, True, False, False])))
+    assert not finished(path, {"run_name": "r"})

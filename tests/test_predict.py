@@ -16,7 +16,7 @@ from adaclip import AdaCLIP, AdaCLIPConfig, EvalCfg, cli
 from adaclip.data import build_manifest
 from adaclip.data.registry import resolve_root
 from adaclip.evaluate import evaluate
-from adaclip.model.backbone import _CONFIG_DIR
+from adaclip.backbone.clip import _CONFIG_DIR
 from adaclip.predict import stored_thresholds
 
 SAMPLE = resolve_root("sample")
@@ -175,3 +175,19 @@ def test_official_file_of_another_backbone_is_a_clear_error(tmp_path, capsys):
     assert code == 2 and "does not fit this model" in err
     assert "visual_prompts.static.0: file (2, 64) vs model (5, 96)" in err
     assert "missing keys" in err and "adaclip-tiny-wide" in err
+
+
+@pytest.mark.parametrize("method", ["aprilgan", "winclip"])
+def test_predict_with_any_method(tmp_path, capsys, method):
+    """A checkpoint names its method: `adaclip predict` scores with it as with AdaCLIP."""
+    from adaclip import methods
+
+    torch.manual_seed(0)
+    model = methods.create(method, backbone=dict(name="adaclip-tiny", pretrained=None, image_size=32)).eval()
+    model.save(tmp_path / "model.pt")
+    code = cli.main(["predict", str(BOTTLE / "good"), "--checkpoint", str(tmp_path / "model.pt"), "--class-name",
+                     "bottle", "--out", str(tmp_path / "out"), "--threshold", "0.5", "--pixel-threshold", "0.5"])
+    assert code == 0
+    table = pd.read_csv(tmp_path / "out" / "predictions.csv").sort_values("path")
+    scores, _ = _by_hand(model, sorted(BOTTLE.joinpath("good").glob("*.png")))
+    np.testing.assert_allclose(table.image_score.values, scores, atol=1e-5)

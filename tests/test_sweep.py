@@ -44,7 +44,7 @@ def test_shipped_sweeps_name_real_parameters():
     import papermill as pm
     from adaclip.pipeline import notebooks
     known = set().union(*(pm.inspect_notebook(str(nb)) for nb in notebooks()))
-    for name in ("ablations.yaml", "ablations_tiny.yaml"):
+    for name in ("ablations.yaml", "ablations_tiny.yaml", "methods.yaml", "methods_tiny.yaml"):
         for c in expand(NOTEBOOK_DIR / "params" / name):
             assert set(c.params) <= known, (name, c.id)
     axes = {k for c in expand(NOTEBOOK_DIR / "params" / "ablations.yaml") for k in c.overrides}
@@ -55,7 +55,7 @@ def test_tiny_sweep_runs_skips_records_failures_and_is_analysed(tmp_path):
     """CI's sweep: the shipped tiny file through papermill, then again with a failing configuration
     added (the finished ones are skipped), then notebook 03 over the sweep."""
     table = run_sweep(TINY, "tiny", results_dir=tmp_path)
-    ids = ["prompt_type=SD", "prompt_type=D", "method=linear", "method=clip"]
+    ids = ["prompt_type=SD", "prompt_type=D", "quick_gelu=True"]
     assert list(dict.fromkeys(table.config_id)) == ids and (table.status == "done").all()
     for i in ids:
         for nb in ("01_prompt_training.ipynb", "02_evaluation.ipynb"):
@@ -65,39 +65,65 @@ def test_tiny_sweep_runs_skips_records_failures_and_is_analysed(tmp_path):
     per_config = on_disk.groupby("config_id").size()
     assert (per_config == 6).all()                  # visa: 2 categories + mean, headct, kvasir, overall mean
     # a parameter a configuration leaves out holds the notebooks' default
-    assert (on_disk[on_disk.config_id == "prompt_type=SD"].method == "adaclip").all()
-    assert (on_disk[on_disk.config_id == "method=clip"].prompt_type == "SD").all()
-    clip = on_disk[on_disk.config_id == "method=clip"]
-    assert (clip.method == "clip").all() and (clip.backbone_weights == "random").all()
-    assert json.loads((tmp_path / "tiny" / "method=clip" / "config.json").read_text())["model"]["method"] == "clip"
+    assert (on_disk[on_disk.config_id == "prompt_type=D"].method == "adaclip").all()
+    assert (on_disk[on_disk.config_id == "quick_gelu=True"].prompt_type == "SD").all()
+    config = json.loads((tmp_path / "tiny" / "quick_gelu=True" / "config.json").read_text())
+    assert config["method"] == "adaclip" and config["model"]["backbone"]["quick_gelu"] is True
+    assert json.loads((tmp_path / "tiny" / "prompt_type=D" / "config.json").read_text())["model"]["backbone"][
+        "quick_gelu"] is False                       # unset: AdaCLIP's GELU, recorded as such
 
-    before = (tmp_path / "tiny" / "method=clip" / "02_evaluation.ipynb").stat().st_mtime_ns
+    before = (tmp_path / "tiny" / "prompt_type=D" / "02_evaluation.ipynb").stat().st_mtime_ns
     spec = yaml.safe_load(TINY.read_text())
     spec["configs"] = [{"prompt_depth": 9}]         # deeper than the tiny text tower: notebook 01 fails
     again = run_sweep(spec, "tiny", results_dir=tmp_path)
     status = again.drop_duplicates("config_id").set_index("config_id")
-    assert status.loc[ids, "status"].tolist() == ["skipped"] * 4
+    assert status.loc[ids, "status"].tolist() == ["skipped"] * 3
     assert status.loc["prompt_depth=9", "status"] == "failed"
     assert "prompt depth 9 exceeds the encoder depth" in status.loc["prompt_depth=9", "error"]
     assert (tmp_path / "tiny" / "prompt_depth=9" / "error.txt").is_file()
-    assert (tmp_path / "tiny" / "method=clip" / "02_evaluation.ipynb").stat().st_mtime_ns == before
+    assert (tmp_path / "tiny" / "prompt_type=D" / "02_evaluation.ipynb").stat().st_mtime_ns == before
 
-    run_pipeline("tiny", params={"sweep": "tiny", "baseline": "method=clip"}, notebooks_to_run=["03"],
+    run_pipeline("tiny", params={"sweep": "tiny", "baseline": "prompt_type=SD"}, notebooks_to_run=["03"],
                  results_dir=tmp_path)
     out = tmp_path / "tiny"
     figures = {p.name for p in (out / "figures").iterdir()}
-    assert {"03_ablation_prompt_type_pixel_auroc.png", "03_ablation_method_image_auroc.pdf", "03_loss.png",
+    assert {"03_ablation_prompt_type_pixel_auroc.png", "03_ablation_quick_gelu_image_auroc.pdf", "03_loss.png",
             "03_qualitative.png", "03_curves_visa.png"} <= figures
     summary = (out / "summary.md").read_text()
-    assert "method=clip" in summary and "prompt_type=SD" in summary and "prompt_depth=9" not in summary
+    assert "quick_gelu=True" in summary and "prompt_type=SD" in summary and "prompt_depth=9" not in summary
     assert {"metrics.csv", "metrics.md", "metrics.tex", "overall.tex", "reproduction.csv"} <= {
         p.name for p in (out / "tables").iterdir()}
+
+
+def test_every_method_side_by_side_on_the_sample(tmp_path):
+    """methods_tiny.yaml (CI): every registered method through notebooks 01 and 02 on the embedded
+    sample with the tiny backbone, then notebook 03 with each beside its own published rows."""
+    from adaclip import methods
+
+    table = run_sweep(NOTEBOOK_DIR / "params" / "methods_tiny.yaml", "methods", results_dir=tmp_path)
+    ids = [f"method={m}" for m in ("adaclip", "aprilgan", "winclip", "clip", "linear")]
+    assert list(dict.fromkeys(table.config_id)) == ids and (table.status == "done").all()
+    assert set(methods.available()) <= {i.split("=")[1] for i in ids}
+    for i in ids:
+        config = json.loads((tmp_path / "methods" / i / "config.json").read_text())
+        assert config["method"] == i.split("=")[1] and config["backbone_weights"] == "random"
+    logs = {i: pd.read_csv(tmp_path / "methods" / i / "train_log.csv") for i in ids}
+    assert len(logs["method=aprilgan"]) and len(logs["method=adaclip"]) and not len(logs["method=winclip"])
+    run_pipeline("methods", params={"sweep": "methods"}, notebooks_to_run=["03"], results_dir=tmp_path)
+    repro = pd.read_csv(tmp_path / "methods" / "tables" / "reproduction.csv")
+    beside = repro.dropna(subset=["published"]).groupby("run").published_method.unique()
+    assert set(beside["methods/method=aprilgan"]) == {"APRIL-GAN"} and set(beside["methods/method=winclip"]) == {"WinCLIP"}
+    assert set(beside["methods/method=adaclip"]) == {"AdaCLIP"}
+    alone = repro[repro.published.isna()].set_index("run").note
+    assert "no published numbers for method 'clip'" in alone["methods/method=clip"]
+    summary = (tmp_path / "methods" / "summary.md").read_text()
+    assert all(i in summary for i in ids) and "APRIL-GAN · " in summary and "WinCLIP · " in summary
 
 
 def test_parallel_and_submitit_sweeps_write_the_same_table_as_a_sequential_one(tmp_path):
     """--jobs 2 (two worker processes) and submitit's local executor give the sequential sweep.csv."""
     spec = {"base": {"data_root": "sample", "train_manifests": ["sample/mvtec.csv"], "test_manifests": ["sample/visa.csv"],
-                     "backbone": "adaclip-tiny", "pretrained": None, "image_size": 32, "epochs": 1, "batch_size": 8,
+                     "backbone": "adaclip-tiny", "pretrained": "random", "image_size": 32, "epochs": 1, "batch_size": 8,
                      "n_examples": 1, "save_maps": False},
             "grid": {"method": ["clip", "linear"]}}
     tables = {name: run_sweep(spec, "s", results_dir=tmp_path / name, **kwargs)

@@ -1,4 +1,4 @@
-from adaclip.text import state_sentences
+from adaclip.methods.ensembles import state_sentences
 
 
 def test_reference_ensembles():

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from adaclip import AdaCLIP, AdaCLIPConfig, PromptCfg
-from adaclip.model import text_packing
-from adaclip.model.backbone import encode_text
+from adaclip.backbone import text_packing
+from adaclip.backbone import encode_text
 
 
 def _model(length, depth=2, type="SD"):

@@ -9,7 +9,7 @@ from adaclip import AdaCLIP, AdaCLIPConfig, BackboneCfg, EvalCfg, FusionCfg, Pro
 from adaclip.data import ManifestError, build_manifest
 from adaclip.data.synthetic import make_synthetic
 from adaclip.evaluate import evaluate
-from adaclip.losses import dice_loss, focal_loss
+from adaclip.methods.losses import dice_loss, focal_loss
 from adaclip.train import load_log, seed_everything, split_validation, train
 
 

@@ -1,17 +1,27 @@
-"""AdaCLIP: zero-shot anomaly detection with hybrid learnable prompts on a frozen CLIP.
+"""Zero-shot anomaly detection on a frozen CLIP: AdaCLIP (Cao et al., ECCV 2024) and the methods it is
+compared with, side by side on the same data, metric code and harness.
 
->>> from adaclip import AdaCLIP, AdaCLIPConfig
->>> model = AdaCLIP.from_config(AdaCLIPConfig())      # ViT-L-14-336 @ 518, openai weights
->>> out = model(images, ["bottle"] * len(images))   # images from model.transform
->>> out.image_scores, out.pixel_scores               # (B,), (B, 518, 518)
+>>> from adaclip import methods
+>>> methods.available()                                # ['adaclip', 'aprilgan', 'clip', 'linear', 'winclip']
+>>> model = methods.create("adaclip")                  # ViT-L-14-336 @ 518, openai weights, the paper's setting
+>>> out = model(images, ["bottle"] * len(images))      # images from model.transform
+>>> out.image_scores, out.pixel_scores                 # (B,), (B, 518, 518)
+
+Layout: `methods/` (one module per method), `backbone/` (the frozen CLIP and the block loops the
+methods hook into), `data/` (manifests, adapters, loading), and the harness at the top level
+(`train`, `evaluate`, `metrics`, `analysis`, `viz`, `predict`, `export`, `explore`, `pipeline`, `sweep`,
+`benchmark`, `cli`).
 """
-from .config import AdaCLIPConfig, BackboneCfg, EvalCfg, FusionCfg, PromptCfg, TrainCfg
-from .model import AdaCLIP, AdaCLIPOutput, CheckpointError, WeightsUnavailableError, build_model
-from .predictor import AdaCLIPPredictor
-from .transforms import build_transform
+from . import methods
+from .backbone import WeightsUnavailableError, build_transform
+from .config import BackboneCfg, EvalCfg, TrainCfg
+from .methods import AdaCLIP, AdaCLIPConfig, CheckpointError, FusionCfg, Method, MethodOutput, PromptCfg
+from .methods.adaclip import AdaCLIPOutput, build_model
+from .predictor import AdaCLIPPredictor, Predictor
 
 __all__ = [
-    "AdaCLIP", "AdaCLIPConfig", "AdaCLIPPredictor", "AdaCLIPOutput", "BackboneCfg", "PromptCfg", "FusionCfg", "TrainCfg", "EvalCfg",
-    "build_model", "build_transform", "CheckpointError", "WeightsUnavailableError",
+    "methods", "Method", "MethodOutput", "AdaCLIP", "AdaCLIPConfig", "AdaCLIPPredictor", "Predictor", "AdaCLIPOutput",
+    "BackboneCfg", "PromptCfg", "FusionCfg", "TrainCfg", "EvalCfg", "build_model", "build_transform", "CheckpointError",
+    "WeightsUnavailableError",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

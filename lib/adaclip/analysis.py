@@ -24,16 +24,12 @@ from PIL import Image
 from .config import activation_name
 from .io import atomic_path, write_csv
 from .metrics import METRIC_KEYS
-from .runs import RANDOM_WEIGHTS, environment
+from .runs import BASELINE_DIR, RANDOM_WEIGHTS, environment
 
 PathLike = Union[str, Path]
 PUBLISHED = Path(__file__).parent / "published" / "results.csv"
 METRIC_NAMES = {"image_auroc": "I-AUROC", "image_ap": "I-AP", "image_f1": "I-F1max", "pixel_auroc": "P-AUROC",
                 "pixel_ap": "P-AP", "pixel_f1": "P-F1max", "pixel_aupro": "AUPRO", "pixel_aupro_cflow": "AUPRO (cflow)"}
-# a run's method (config.json "model.method") -> its name in published/results.csv; a method missing here
-# (the `clip` and `linear` baselines) has no published numbers of its own and is compared with none
-PUBLISHED_NAMES = {"adaclip": "AdaCLIP", "aprilgan": "APRIL-GAN", "winclip": "WinCLIP", "anomalyclip": "AnomalyCLIP",
-                   "crane": "Crane", "aaclip": "AA-CLIP"}
 # sources whose AUPRO is the cflow-style variant (published/README.md): filed under pixel_aupro_cflow
 CFLOW_AUPRO_SOURCES = ("Crane (arXiv 2504.11055)", "AnomalyCLIP paper")
 UNDEFINED = "—"                          # how an undefined (NaN) value reads, in tables and in text alike
@@ -87,13 +83,36 @@ def trained_on_text(value: Optional[str]) -> str:
     return "unknown" if value is None else (value or TRAINING_FREE)
 
 
+def published_name(method: str) -> Optional[str]:
+    """A method's name in published/results.csv (`Method.published_name`); None for a method without
+    published numbers of its own (the `clip` and `linear` baselines), which is compared with none."""
+    from . import methods
+
+    return methods.get(method).published_name if method in methods.REGISTRY else None
+
+
+def method_of(config: dict) -> str:
+    """The method a run's config.json names (older runs: inside the model config, else AdaCLIP)."""
+    return config.get("method") or (config.get("model") or {}).get("method") or "adaclip"
+
+
+def run_with_baselines(results_dir: PathLike, run: str) -> list[str]:
+    """A run and the evaluated baselines beside it (``results/<run>/baselines/<method>/``), as the
+    pipeline's notebook 03 compares them."""
+    folder = Path(results_dir) / run / BASELINE_DIR
+    found = sorted(p.parent.name for p in folder.glob("*/metrics.csv")) if folder.is_dir() else []
+    return [run, *(f"{run}/{BASELINE_DIR}/{name}" for name in found)]
+
+
 def describe(config: dict) -> dict:
-    """The settings that tell runs apart: method, backbone, activation, weights, training data, prompts, HSF."""
+    """The settings that tell runs apart: method, backbone, activation, weights, training data, prompts,
+    HSF, epochs, and whether image scores were transductive."""
     model = config.get("model", {})
     prompts, fusion, backbone = model.get("prompts", {}), model.get("fusion", {}), model.get("backbone", {})
-    method = model.get("method", "adaclip")
+    method = method_of(config)
     free = trained_on(config) == "" or str(config.get("selection", "")).startswith("none")
-    return {"method": method, "backbone": f'{backbone.get("name")} @ {backbone.get("image_size")}',
+    return {"method": method + (" (transductive)" if config.get("transductive_image_scores") else ""),
+            "backbone": f'{backbone.get("name")} @ {backbone.get("image_size")}',
             "activation": activation_name(backbone.get("quick_gelu")), "weights": config.get("backbone_weights"),
             "trained_on": trained_on_text(trained_on(config)),
             "prompts": (f'{prompts.get("type")} / {prompts.get("branch")} / J={prompts.get("depth")} / '
@@ -107,7 +126,7 @@ def run_labels(runs: Runs) -> dict:
     """Short column labels: the method when that tells the runs apart ("adaclip", "clip"), else the
     run name relative to the runs' common folder (a sweep's configuration ids)."""
     names = list(runs.configs)
-    methods = [describe(runs.configs[r])["method"] for r in names]
+    methods = [method_of(runs.configs[r]) for r in names]
     if len(set(methods)) == len(names):
         return dict(zip(names, methods))
     parts = [n.split("/") for n in names]
@@ -123,8 +142,8 @@ def run_info(runs: Runs, labels: Optional[dict] = None) -> pd.DataFrame:
     labels = labels or {r: r for r in runs.configs}
     rows = []
     for run, config in runs.configs.items():
-        method = describe(config)["method"]
-        rows.append({"label": labels[run], "run": run, "method": method, "published_method": PUBLISHED_NAMES.get(method),
+        method = method_of(config)
+        rows.append({"label": labels[run], "run": run, "method": method, "published_method": published_name(method),
                      "trained_on": trained_on(config), "trained_on_text": trained_on_text(trained_on(config))})
     return pd.DataFrame(rows).set_index("label")
 
@@ -169,8 +188,9 @@ def qualitative_examples(runs: Runs, results_dir: PathLike, n: int = 3) -> dict:
 def swept_parameters(table: pd.DataFrame) -> list[str]:
     """The parameters of a sweep table that take more than one value."""
     skip = {"config_id", "status", "error", "backbone_weights", "dataset", "category", "images", "anomalous",
-            "image_threshold", *METRIC_KEYS}
-    return [c for c in table.columns if c not in skip and table[c].astype(str).nunique() > 1]
+            "image_threshold", "pixel_threshold", *METRIC_KEYS}
+    # a parameter a configuration leaves at its default (None, NaN in sweep.csv) is a value of its own
+    return [c for c in table.columns if c not in skip and table[c].map(str).nunique() > 1]
 
 
 def dataset_rows(metrics: pd.DataFrame) -> pd.DataFrame:
@@ -303,6 +323,17 @@ def styled(table: pd.DataFrame, digits: int = 1):
         lambda _: np.where(bold, "font-weight: bold;", ""), axis=None)
 
 
+def metrics_view(metrics: pd.DataFrame, digits: int = 1):
+    """A ``metrics.csv`` table as a notebook shows it: metrics in percent, undefined ones as — (as in
+    every other table), and the reasons once each under the table instead of a long column."""
+    shown = [m for m in METRIC_KEYS if m in metrics and metrics[m].notna().any()]
+    table = metrics[["dataset", "category", "images", "anomalous"]].join(metrics[shown] * 100)
+    table = table.rename(columns={m: METRIC_NAMES[m] for m in shown})
+    notes = sorted({n for note in metrics.get("note", pd.Series(dtype=str)).fillna("") for n in note.split("; ") if n})
+    caption = "Percent; — undefined: " + "; ".join(notes) if notes else "Percent"
+    return table.style.format(precision=digits, na_rep=UNDEFINED).hide(axis="index").set_caption(caption)
+
+
 def to_latex(table: pd.DataFrame, digits: int = 1, caption: str = "") -> str:
     """A LaTeX tabular (pandas Styler, booktabs rules), best values in \\textbf, undefined ones as ---."""
     bold = best_cells(table)
@@ -358,7 +389,7 @@ REPRODUCTION_COLUMNS = ["run", "method", "dataset", "metric", "ours", "published
 
 def reproduction_table(runs: Runs, published: Optional[pd.DataFrame] = None,
                        metrics_shown: Sequence[str] = METRIC_KEYS) -> pd.DataFrame:
-    """Each run beside every published row of its own method (`PUBLISHED_NAMES`) for the datasets it
+    """Each run beside every published row of its own method (`published_name`) for the datasets it
     evaluated: one row per run, dataset, metric and source, ours and published in percent, the
     difference, which data each model learned from (``same_training`` False: not like with like), and
     whether ours came from random backbone weights (then the difference says nothing about the method).
@@ -372,8 +403,8 @@ def reproduction_table(runs: Runs, published: Optional[pd.DataFrame] = None,
     ours["ours"] *= 100
     frames = []
     for run, config in runs.configs.items():
-        method = describe(config)["method"]
-        name, mine = PUBLISHED_NAMES.get(method), ours[ours.run == run].drop(columns="run")
+        method = method_of(config)
+        name, mine = published_name(method), ours[ours.run == run].drop(columns="run")
         random = config.get("backbone_weights") == "random"
         pub = published[(published.method == name) & published.dataset.isin(mine.dataset)] if name else published.iloc[:0]
         long = pub.melt(id_vars=["method", "dataset", "trained_on", "source"], value_vars=shown, var_name="metric",

@@ -1,14 +1,15 @@
-"""Speed and memory numbers, printed (never asserted in tests): ``adaclip benchmark``.
+"""Speed and memory numbers of a method, printed (never asserted in tests): ``adaclip benchmark``.
 
-    adaclip benchmark                                   # ViT-B-16 @ 224, batch 8, random weights, CPU
-    adaclip benchmark --backbone ViT-L-14-336 --image-size 336 --batch-size 2
+    adaclip benchmark --backbone ViT-B-16 --image-size 224         # AdaCLIP, batch 8, random weights, CPU
     adaclip benchmark --backbone ViT-L-14-336 --image-size 518 --batch-size 8 --device cuda
+    adaclip benchmark --method winclip                             # at the method's own setting (240 px)
 
 Against the floor, a bare open_clip image forward at the same size and batch: inference at batch
-size 1 (the reference's only option) and at ``batch_size``, the ratio to the floor, the time of each
-stage (unprompted pass, prompted pass, text pass, maps and HSF; "x image pass" = x the floor), peak
-memory of inference and of a training step at batch 1 and N (with and without activation
-checkpointing), and pixel-metric streaming. Peak memory is the GPU's max allocated on CUDA, the
+size 1 (the reference's only option) and at ``batch_size``, the ratio to the floor, for AdaCLIP the
+time of each stage (unprompted pass, prompted pass, text pass, maps and HSF; "x image pass" = x the
+floor), for a method that learns a training step and its peak memory at batch 1 and N (with and
+without activation checkpointing), peak inference memory, and pixel-metric streaming. Weights are
+random unless ``--pretrained`` names some (speed does not depend on them). Peak memory is the GPU's max allocated on CUDA, the
 process's peak RSS on CPU (then each number comes from a fresh process, since RSS never shrinks).
 """
 from __future__ import annotations
@@ -23,11 +24,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .config import AdaCLIPConfig
-from .losses import adaclip_loss
+from . import methods
+from .backbone import encode_image
+from .methods import Targets
 from .metrics import PixelAccumulator
-from .model import AdaCLIP
-from .model.backbone import encode_image
 
 
 def _timed(fn, device, repeats: int) -> float:
@@ -71,17 +71,16 @@ def _amp(device):
 
 def _step(model, opt, x, names, masks, labels, device):
     with _amp(device):
-        out = model(x, names, return_layer_maps=True)
-    loss, _ = adaclip_loss(out.image_probs.float(), [m.float() for m in out.layer_maps], labels, masks)
+        out = model(x, names, targets=Targets(labels, masks, torch.ones_like(labels, dtype=torch.bool)))
     opt.zero_grad()
-    loss.backward()
+    out.loss.backward()
     opt.step()
 
 
-def measure(kind: str, cfg: AdaCLIPConfig, batch_size: int, device: str, checkpointing: bool = False) -> float:
+def measure(kind: str, method: str, cfg, batch_size: int, device: str, checkpointing: bool = False) -> float:
     """Peak memory (MiB) of one inference ("infer") or training step ("train") in this process."""
     dev = torch.device(device)
-    model = AdaCLIP(cfg).to(dev)
+    model = methods.get(method)(cfg).to(dev)
     model.checkpoint_activations = checkpointing
     size = cfg.backbone.image_size
     x, names = torch.randn(batch_size, 3, size, size, device=dev), ["bottle"] * batch_size
@@ -96,67 +95,65 @@ def measure(kind: str, cfg: AdaCLIPConfig, batch_size: int, device: str, checkpo
     return peak_memory_mb(dev)
 
 
-def _peak_in_fresh_process(kind, cfg, batch_size, device, checkpointing=False) -> float:
+def _peak_in_fresh_process(kind, method, cfg, batch_size, device, checkpointing=False) -> float:
     if torch.device(device).type == "cuda":                 # max allocated resets: no new process needed
-        return measure(kind, cfg, batch_size, device, checkpointing)
-    job = json.dumps({"kind": kind, "cfg": cfg.to_dict(), "batch_size": batch_size, "device": device,
-                      "checkpointing": checkpointing})
+        return measure(kind, method, cfg, batch_size, device, checkpointing)
+    job = json.dumps({"kind": kind, "method": method, "cfg": cfg.to_dict(), "batch_size": batch_size,
+                      "device": device, "checkpointing": checkpointing})
     done = subprocess.run([sys.executable, "-m", "adaclip.benchmark", "--measure", job], capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"memory measurement failed: {done.stderr[-2000:]}")
     return float(done.stdout.strip().splitlines()[-1])
 
 
-def run(backbone: str = "ViT-B-16", image_size: int = 224, batch_size: int = 8, device: str = "cpu",
-        repeats: int = 3, pretrained=None, cfg: Optional[AdaCLIPConfig] = None, memory: bool = True) -> list[tuple[str, str]]:
-    """(name, value) rows. ``cfg`` replaces the paper's prompt and fusion settings on ``backbone``
+def run(backbone: Optional[str] = None, image_size: Optional[int] = None, batch_size: int = 8, device: str = "cpu",
+        repeats: int = 3, pretrained=None, cfg=None, memory: bool = True, method: str = "adaclip") -> list[tuple[str, str]]:
+    """(name, value) rows for ``method`` at its paper's setting, with ``backbone`` / ``image_size``
+    replaced where given and random weights unless ``pretrained``; ``cfg``: the whole config instead
     (e.g. ``AdaCLIPConfig.tiny()`` in the test suite)."""
     dev = torch.device(device)
-    cfg = cfg or AdaCLIPConfig.from_params(backbone, pretrained, image_size)
+    if cfg is None:
+        fields = {k: v for k, v in dict(name=backbone, image_size=image_size).items() if v is not None}
+        cfg = methods.config(method, backbone={**fields, "pretrained": pretrained})
     backbone, image_size, pretrained = cfg.backbone.name, cfg.backbone.image_size, cfg.backbone.pretrained
-    model = AdaCLIP(cfg).to(dev).eval()
+    model = methods.get(method)(cfg).to(dev).eval()
     visual = model.clip.visual
     N = batch_size
     x = torch.randn(N, 3, image_size, image_size, device=dev)
     names = ["bottle"] * N
-    rows = [("config", f"{backbone} @ {image_size}, batch {N}, weights {'random' if pretrained is None else pretrained}, "
-                       f"{device}, torch threads {torch.get_num_threads()}")]
+    rows = [("config", f"{method}: {backbone} @ {image_size}, batch {N}, weights "
+                       f"{'random' if pretrained is None else pretrained}, {device}, torch threads {torch.get_num_threads()}")]
     with torch.no_grad(), _amp(dev):
         floor1 = _timed(lambda: visual(x[:1]), dev, repeats)
         floor = _timed(lambda: visual(x), dev, repeats)
         t1 = _timed(lambda: model(x[:1], names[:1]), dev, repeats)
         tb = _timed(lambda: model(x, names), dev, repeats)
-        # the stages, as AdaCLIP.forward runs them
-        p = model.cfg.prompts
-        f0, _ = encode_image(visual, x, ())
-        dyn_v = model.visual_prompts.generate(f0) if model.visual_prompts is not None and p.dynamic else None
-        dyn_t = model.text_prompts.generate(f0) if model.text_prompts is not None and p.dynamic else None
-        stages = {"unprompted pass": _timed(lambda: encode_image(visual, x, ()), dev, repeats) if p.dynamic else 0.0}
-        if model.visual_prompts is not None:
-            prompts = model.visual_prompts.layer_prompts(dyn_v)
-            stages["prompted pass"] = _timed(lambda: encode_image(visual, x, model.out_layers, prompts), dev, repeats)
-        stages["text pass"] = _timed(lambda: model.text_features(names, dyn_t), dev, repeats)
-        stages["maps and HSF (the rest)"] = max(tb - sum(stages.values()), 0.0)
+        stages = _adaclip_stages(model, x, names, tb, dev, repeats) if method == "adaclip" else {}
     rows += [(f"floor: bare open_clip image forward, batch {N}", f"{floor / N * 1e3:.0f} ms/image"),
              ("inference, batch 1", f"{t1 * 1e3:.0f} ms/image = {t1 / floor1:.2f}x the floor at batch 1"),
              (f"inference, batch {N}", f"{tb / N * 1e3:.0f} ms/image = {tb / floor:.2f}x the floor "
                                        f"({t1 * N / tb:.2f}x faster than batch 1)")]
     rows += [(f"  {name}, batch {N}", f"{t * 1e3:.0f} ms = {t / floor:.2f}x one image pass") for name, t in stages.items()]
 
-    model.train()
-    opt = torch.optim.AdamW(model.learnable_parameters(), lr=0.01, betas=(0.5, 0.999))
-    for b in sorted({1, N}):
-        masks = (torch.rand(b, image_size, image_size, device=dev) > 0.9).float()
-        labels = torch.ones(b, dtype=torch.long, device=dev)
-        ts = _timed(lambda: _step(model, opt, x[:b], names[:b], masks, labels, dev), dev, max(1, repeats - 1))
-        rows.append((f"training step, batch {b}", f"{ts:.2f} s ({b / ts:.2f} images/s)"))
+    learns = bool(model.learnable_parameters())
+    if learns:
+        model.train()
+        opt = torch.optim.AdamW(model.learnable_parameters(), lr=0.01, betas=(0.5, 0.999))
+        for b in sorted({1, N}):
+            masks = (torch.rand(b, image_size, image_size, device=dev) > 0.9).float()
+            labels = torch.ones(b, dtype=torch.long, device=dev)
+            ts = _timed(lambda: _step(model, opt, x[:b], names[:b], masks, labels, dev), dev, max(1, repeats - 1))
+            rows.append((f"training step, batch {b}", f"{ts:.2f} s ({b / ts:.2f} images/s)"))
+    else:
+        rows.append(("training step", f"none: {method} learns nothing"))
     if memory:
         what = "GPU max allocated" if dev.type == "cuda" else "peak RSS, model loaded"
         for b in sorted({1, N}):
-            rows.append((f"peak memory, inference batch {b}", f"{_peak_in_fresh_process('infer', cfg, b, device):.0f} MiB ({what})"))
-        for b in sorted({1, N}):
-            plain = _peak_in_fresh_process("train", cfg, b, device)
-            ckpt = _peak_in_fresh_process("train", cfg, b, device, checkpointing=True)
+            rows.append((f"peak memory, inference batch {b}",
+                         f"{_peak_in_fresh_process('infer', method, cfg, b, device):.0f} MiB ({what})"))
+        for b in sorted({1, N}) if learns else ():
+            plain = _peak_in_fresh_process("train", method, cfg, b, device)
+            ckpt = _peak_in_fresh_process("train", method, cfg, b, device, checkpointing=True)
             rows.append((f"peak memory, training step batch {b}", f"{plain:.0f} MiB; {ckpt:.0f} MiB with activation "
                                                                   f"checkpointing ({what})"))
 
@@ -175,13 +172,29 @@ def run(backbone: str = "ViT-B-16", image_size: int = 224, batch_size: int = 8, 
     return rows
 
 
+def _adaclip_stages(model, x, names, total: float, dev, repeats: int) -> dict:
+    """The time of each stage as AdaCLIP.forward runs them."""
+    visual, p = model.clip.visual, model.cfg.prompts
+    f0, _ = encode_image(visual, x, ())
+    dyn_v = model.visual_prompts.generate(f0) if model.visual_prompts is not None and p.dynamic else None
+    dyn_t = model.text_prompts.generate(f0) if model.text_prompts is not None and p.dynamic else None
+    stages = {"unprompted pass": _timed(lambda: encode_image(visual, x, ()), dev, repeats) if p.dynamic else 0.0}
+    if model.visual_prompts is not None:
+        prompts = model.visual_prompts.layer_prompts(dyn_v)
+        stages["prompted pass"] = _timed(lambda: encode_image(visual, x, model.out_layers, prompts), dev, repeats)
+    stages["text pass"] = _timed(lambda: model.text_features(names, dyn_t), dev, repeats)
+    stages["maps and HSF (the rest)"] = max(total - sum(stages.values()), 0.0)
+    return stages
+
+
 def main(argv=None) -> None:
     import argparse
 
     p = argparse.ArgumentParser(prog="adaclip benchmark", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backbone", default="ViT-B-16")
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--method", default="adaclip", choices=methods.available())
+    p.add_argument("--backbone", default=None, help="default: the method's (AdaCLIP ViT-L-14-336, WinCLIP ViT-B-16-plus-240)")
+    p.add_argument("--image-size", type=int, default=None, help="default: the method's (518, WinCLIP 240)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=3)
@@ -191,11 +204,11 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     if a.measure:
         job = json.loads(a.measure)
-        print(measure(job["kind"], AdaCLIPConfig.from_dict(job["cfg"]), job["batch_size"], job["device"],
-                      job["checkpointing"]))
+        cfg = methods.get(job["method"]).config_class.from_dict(job["cfg"])
+        print(measure(job["kind"], job["method"], cfg, job["batch_size"], job["device"], job["checkpointing"]))
         return
     for name, value in run(a.backbone, a.image_size, a.batch_size, a.device, a.repeats, a.pretrained,
-                           memory=not a.no_memory):
+                           memory=not a.no_memory, method=a.method):
         print(f"{name:<46} {value}")
 
 

@@ -7,12 +7,13 @@
     adaclip download mvtec --root data              resumable, checksummed download + extract
     adaclip download mvtec --root data --url URL    the same from another link (--sha256 HASH to check it)
     adaclip train --train sample/mvtec.csv --root sample --run r --backbone adaclip-tiny --pretrained none --image-size 64
+    adaclip train --method aprilgan ...             any method (its paper's recipe unless options say otherwise)
     adaclip evaluate --checkpoint results/r/model.pt --test sample/visa.csv --root sample --run r
-    adaclip pipeline --run default                  run notebooks 00-04 with papermill (+ the clip baseline)
+    adaclip pipeline --run default                  run notebooks 00-04 with papermill (+ aprilgan, winclip, clip beside it)
     adaclip sweep notebooks/params/ablations_tiny.yaml --run tiny   notebooks 01-02 per configuration, sweep.csv
     adaclip predict imgs/ --checkpoint results/r/model.pt --class-name bottle --out preds [--masks]
     adaclip export --checkpoint results/r/model.pt --class-name bottle --out bottle.onnx
-    adaclip benchmark [--backbone ViT-B-16 ...]     speed and memory numbers
+    adaclip benchmark [--method winclip] [--backbone ViT-B-16 ...]   speed and memory numbers
 """
 from __future__ import annotations
 
@@ -73,20 +74,28 @@ def _download(args) -> int:
 
 
 def _model_cfg(args):
-    from .config import AdaCLIPConfig
+    """The method's config at its paper's setting with the options given on the command line."""
+    from . import methods
 
-    return AdaCLIPConfig.from_params(args.backbone, args.pretrained, args.image_size, args.prompt_depth,
-                                     args.prompt_length, args.prompt_type, args.prompt_branch, not args.no_hsf,
-                                     args.k_clusters, quick_gelu=args.quick_gelu)
+    given = dict(backbone=args.backbone, pretrained=args.pretrained, image_size=args.image_size,
+                 quick_gelu=args.quick_gelu, prompt_depth=args.prompt_depth, prompt_length=args.prompt_length,
+                 prompt_type=args.prompt_type, prompt_branch=args.prompt_branch,
+                 use_hsf=False if args.no_hsf else None, k_clusters=args.k_clusters)
+    cfg, unused = methods.config_from_params(args.method, **given)
+    stray = [k for k in unused if given[k] is not None]
+    if stray:
+        raise SystemExit(f"adaclip train: option(s) {stray} do not apply to method {args.method!r}")
+    return cfg
 
 
 def _train(args) -> int:
-    from .config import TrainCfg
     from .data.registry import resolve_manifest, resolve_root, results_root
     from .train import train
 
-    cfg = TrainCfg(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, selection=args.selection,
-                   checkpoint_activations=args.checkpoint_activations)
+    from . import methods
+
+    cfg = methods.train_config(args.method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                               selection=args.selection, checkpoint_activations=args.checkpoint_activations)
     train(_model_cfg(args), cfg, [resolve_manifest(m) for m in args.train], resolve_root(args.root),
           results_root() / args.run, resume=args.resume, max_steps=args.max_steps,
           test_manifests=[resolve_manifest(m) for m in args.test] if args.test else None)
@@ -115,13 +124,17 @@ def _evaluate(args) -> int:
 
 
 def _checkpoint_arguments(parser) -> None:
-    """The options `_load_model` reads: a checkpoint of ours, or an official file and its setting."""
+    """The options `_load_model` reads: a checkpoint of ours, or a method's official file and its setting."""
+    from .methods import available
+
     parser.add_argument("--checkpoint", required=True, help="a run's model.pt, or an official file with --official")
-    parser.add_argument("--official", action="store_true", help="an official AdaCLIP release file")
-    parser.add_argument("--backbone", default="ViT-L-14-336", help="with --official: the file's backbone")
-    parser.add_argument("--image-size", type=int, default=518, help="with --official: the file's input size")
+    parser.add_argument("--official", action="store_true", help="a release file of the method's reference code")
+    parser.add_argument("--method", default="adaclip", choices=available(),
+                        help="with --official: whose release file it is (default adaclip)")
+    parser.add_argument("--backbone", default=None, help="with --official: the file's backbone (default: the method's)")
+    parser.add_argument("--image-size", type=int, default=None, help="with --official: the file's input size")
     parser.add_argument("--pretrained", default=None,
-                        help="CLIP weights, a file or tag: replaces the checkpoint's (--official: default openai)")
+                        help="CLIP weights, a file or tag: replaces the checkpoint's (--official: the method's tag)")
     _activation_arguments(parser, "with --official: ")
 
 
@@ -134,20 +147,20 @@ def _activation_arguments(parser, when: str = "") -> None:
 
 
 def _load_model(args):
-    """Our checkpoint, or an official release file built with the given (default: paper) setting."""
-    from . import AdaCLIP, AdaCLIPConfig
+    """Our checkpoint, or an official release file built with the given (default: its paper's) setting."""
+    from . import methods
 
     if args.official:
-        backbone = dict(name=args.backbone, pretrained=args.pretrained or "openai", image_size=args.image_size,
-                        quick_gelu=args.quick_gelu)
-        return AdaCLIP.from_official(args.checkpoint, backbone=backbone)
-    return AdaCLIP.load(args.checkpoint, **({"pretrained": args.pretrained} if args.pretrained else {}))
+        backbone = {k: v for k, v in dict(name=args.backbone, pretrained=args.pretrained, image_size=args.image_size,
+                                          quick_gelu=args.quick_gelu).items() if v is not None}
+        return methods.from_official(args.method, args.checkpoint, backbone=backbone)
+    return methods.load(args.checkpoint, **({"pretrained": args.pretrained} if args.pretrained else {}))
 
 
 def _predict(args) -> int:
-    from .model import CheckpointError
+    from .methods import CheckpointError
     from .predict import Thresholds, collect_images, predict_files, stored_thresholds
-    from .predictor import AdaCLIPPredictor
+    from .predictor import Predictor
 
     try:
         files = collect_images(args.inputs)
@@ -166,7 +179,7 @@ def _predict(args) -> int:
     print(f"image threshold {thresholds.image:.4g}, pixel threshold {thresholds.pixel:.4g} from {thresholds.source}")
     if model.random_weights:
         print("random backbone weights: these scores say nothing about detection quality")
-    predictor = AdaCLIPPredictor(model.to(args.device), batch_size=args.batch_size)
+    predictor = Predictor(model.to(args.device), batch_size=args.batch_size)
     table, failures = predict_files(predictor, files, args.class_name, args.out, thresholds, masks=args.masks)
     for message in failures:
         print(f"skipped: {message}", file=sys.stderr)
@@ -178,8 +191,8 @@ def _predict(args) -> int:
 def _export(args) -> int:
     import torch
 
-    from .export import compare_with_torch, export_onnx
-    from .model import CheckpointError
+    from .export import compare_with_torch, export_onnx, uses_hsf
+    from .methods import CheckpointError
 
     try:
         model = _load_model(args)
@@ -187,7 +200,7 @@ def _export(args) -> int:
         print(f"adaclip export: {e}", file=sys.stderr)
         return 2
     out = Path(args.out or f"adaclip-{args.class_name}.onnx")
-    if model.cfg.fusion.use_hsf:
+    if uses_hsf(model):
         print("HSF is exported exactly: its k-means runs all of its Lloyd steps in the graph")
     export_onnx(model, args.class_name, out, batch_size=args.batch_size)
     size = model.image_size
@@ -270,27 +283,31 @@ def main(argv=None) -> int:
                    help="expected sha256 of the archive (default: the published one; '' skips the check)")
     d.set_defaults(fn=_download)
 
-    t = sub.add_parser("train", help="train prompts on annotated manifests")
+    from .methods import available
+    from .pipeline import DEFAULT_BASELINES
+
+    t = sub.add_parser("train", help="train a method on annotated manifests (training-free methods: a run folder)")
     t.add_argument("--train", nargs="+", required=True, help="training manifests (e.g. sample/mvtec.csv)")
     t.add_argument("--test", nargs="*", help="test manifests: only checked for overlap")
     t.add_argument("--root", default=None)
     t.add_argument("--run", "--run-name", dest="run", required=True,
                    help="results/<run>/ (under torchrun write --run-name: torchrun takes --run for its --run-path)")
-    t.add_argument("--backbone", default="ViT-L-14-336")
-    t.add_argument("--pretrained", default="openai", help="open_clip tag, weights file, or 'none'")
-    t.add_argument("--image-size", type=int, default=518)
-    t.add_argument("--prompt-depth", type=int, default=4)
-    t.add_argument("--prompt-length", type=int, default=5)
-    t.add_argument("--prompt-type", default="SD")
-    t.add_argument("--prompt-branch", default="VL")
-    t.add_argument("--no-hsf", action="store_true")
-    t.add_argument("--k-clusters", type=int, default=20)
+    t.add_argument("--method", default="adaclip", choices=available())
+    t.add_argument("--backbone", default=None, help="open_clip ViT (default: the method's, e.g. ViT-L-14-336)")
+    t.add_argument("--pretrained", default=None, help="open_clip tag, weights file, or 'none' (default: the method's)")
+    t.add_argument("--image-size", type=int, default=None)
+    t.add_argument("--prompt-depth", type=int, default=None, help="adaclip (default 4)")
+    t.add_argument("--prompt-length", type=int, default=None, help="adaclip (default 5)")
+    t.add_argument("--prompt-type", default=None, help="adaclip: S, D or SD (default)")
+    t.add_argument("--prompt-branch", default=None, help="adaclip: V, L or VL (default)")
+    t.add_argument("--no-hsf", action="store_true", help="adaclip: no Hybrid Semantic Fusion")
+    t.add_argument("--k-clusters", type=int, default=None, help="adaclip (default 20)")
     _activation_arguments(t)
-    t.add_argument("--epochs", type=int, default=5)
-    t.add_argument("--batch-size", type=int, default=1)
-    t.add_argument("--lr", type=float, default=0.01)
-    t.add_argument("--seed", type=int, default=111)
-    t.add_argument("--selection", default="last", choices=["last", "val", "test_f1"])
+    t.add_argument("--epochs", type=int, default=None, help="default: the method's recipe (adaclip 5, aprilgan 3)")
+    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--selection", default=None, choices=["last", "val", "test_f1"])
     t.add_argument("--resume", action="store_true")
     t.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke runs)")
     t.add_argument("--checkpoint-activations", action="store_true",
@@ -340,9 +357,9 @@ def main(argv=None) -> int:
     r.add_argument("--params-file", default=None, help="YAML file of notebook parameters (e.g. notebooks/params/paper.yaml)")
     r.add_argument("--notebooks", nargs="*", help="subset of notebooks to run (default: all, in order)")
     r.add_argument("--force", action="store_true", help="rerun notebooks that already finished")
-    r.add_argument("--baselines", nargs="*", default=["clip"], choices=["clip", "linear"],
-                   help="baselines run beside it (notebooks 01, 02 into <run>/baselines/<name>) and compared "
-                        "in 03; default: clip; give none to skip")
+    r.add_argument("--baselines", nargs="*", default=list(DEFAULT_BASELINES), choices=available(),
+                   help="methods run beside it (notebooks 01, 02 into <run>/baselines/<name>) and compared "
+                        f"in 03; default: {' '.join(DEFAULT_BASELINES)}; give none to skip")
     r.set_defaults(fn=_pipeline)
 
     w = sub.add_parser("sweep", help="run notebooks 01 and 02 for every configuration of a sweep file")

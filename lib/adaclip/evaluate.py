@@ -16,13 +16,14 @@ from tqdm.auto import tqdm
 from . import distributed
 from .config import EvalCfg
 from .data import AnomalyDataset, check, read_manifests
-from .fewshot import FewShotMemory, draw_references, reference_list
+from .fewshot import draw_references, memory_from_references, reference_list
 from .io import atomic_path, write_csv, write_json
 from .metrics import METRIC_KEYS, CflowAupro, PixelAccumulator, image_metrics, mean_row, summarize
 from .runs import update_config, weights_note
 
 PathLike = Union[str, Path]
 THRESHOLDS = "thresholds.json"   # beside model.pt in a run folder: what `adaclip predict` decides with
+TRANSDUCTIVE_NOTE = "transductive image scores (normalised over the category's test images, as the reference)"
 
 
 @dataclass
@@ -67,7 +68,7 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
     device = model.device
     was_training = model.training
     model.eval()
-    memory = FewShotMemory.from_references(model, drawn, data_root) if drawn else None
+    memory = memory_from_references(model, drawn, data_root) if drawn else None
     dataset = AnomalyDataset(df, data_root, model.transform, model.image_size)
     # under torchrun each rank scores every world_size-th image; the results are summed below
     loader = DataLoader(Subset(dataset, distributed.shard(len(df))), batch_size=cfg.batch_size, shuffle=False,
@@ -78,6 +79,9 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
               for key in dict.fromkeys((d, c) for d, c, m in zip(df.dataset, df.category, dataset.has_mask) if m)}
     cflow = {key: CflowAupro(fpr_limit=cfg.aupro_fpr_limit) for key in pixels} if cfg.aupro_cflow else {}
     scores = np.zeros(len(df), np.float64)
+    # a transductive image score (a reference's faithful option) needs every test image of a category
+    transductive = memory is not None and model.transductive
+    parts = None
     maps_dir = Path(run_dir) / "maps" if (run_dir and cfg.save_maps) else None
 
     for batch in tqdm(loader, desc="evaluate", disable=not progress or not distributed.is_main()):
@@ -91,6 +95,10 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
             maps = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
             masks = F.interpolate(masks[:, None], size=size, mode="nearest")[:, 0]
         maps, masks = maps.clamp(0, 1).cpu().numpy(), masks.numpy()
+        if transductive:
+            if parts is None:
+                parts = np.zeros((len(df), out.score_parts.shape[1]), np.float64)
+            parts[batch["index"].numpy()] = out.score_parts.double().cpu().numpy()
         for j, i in enumerate(batch["index"].tolist()):
             scores[i] = float(out.image_scores[j])
             key = (df.at[i, "dataset"], df.at[i, "category"])
@@ -104,6 +112,11 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
                         np.savez_compressed(f, map=maps[j].astype(np.float16), image=df.at[i, "image"])
     model.train(was_training)
     scores = distributed.sum_array(scores)               # each image was scored by exactly one rank
+    if transductive:
+        parts = distributed.sum_array(parts)
+        for key in dict.fromkeys(zip(df.dataset, df.category)):
+            sel = (df.dataset == key[0]).values & (df.category == key[1]).values
+            scores[sel] = model.finalize_scores(parts[sel])
     for acc in pixels.values():
         acc.set_counts(*[distributed.sum_array(a) for a in acc.counts()])
     cflow_values = {key: _cflow_aupro(acc) for key, acc in cflow.items()}
@@ -114,6 +127,8 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
         sel = (df.dataset == key[0]).values & (df.category == key[1]).values
         m = summarize(df.label.values[sel], scores[sel], pixels.get(key),
                       cflow_values.get(key, (np.nan, "pixel_aupro_cflow not computed (aupro_cflow=False)")))
+        if transductive:
+            m["note"] = "; ".join(filter(None, [TRANSDUCTIVE_NOTE, m["note"]]))
         rows.append({"dataset": key[0], "category": key[1], "images": int(sel.sum()),
                      "anomalous": int(df.label.values[sel].sum()), **m})
         if np.isfinite(m["image_threshold"]):
@@ -128,9 +143,9 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
         write_csv(Path(run_dir) / "pixel_curves.csv", curves)
         write_json(Path(run_dir) / THRESHOLDS, decision_thresholds(metrics, scored, pixels))
         update_config(run_dir, model=model.cfg.to_dict(), evaluation=cfg.to_dict(),
-                      test_manifests=df.attrs.get("paths"), test_root=str(data_root),
+                      method=model.name, test_manifests=df.attrs.get("paths"), test_root=str(data_root),
                       few_shot={"k_shot": cfg.k_shot, "seed": cfg.shot_seed, "references": reference_list(drawn)},
-                      trained_on=model.trained_on, **weights_note(model))
+                      trained_on=model.trained_on, transductive_image_scores=transductive, **weights_note(model))
     return EvalResult(metrics, scored, curves)
 
 

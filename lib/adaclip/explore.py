@@ -38,10 +38,10 @@ class Inspection:
     image: np.ndarray                  # (H, W, 3) uint8
     class_name: str
     score: float                       # image score, P(abnormal)
-    anomaly_map: np.ndarray            # (H, W), smoothed: what evaluation scores
-    raw_map: np.ndarray                # (H, W), before the Gaussian smoothing
-    layer_maps: list                   # per output layer (H, W): that layer's P(abnormal)
-    out_layers: tuple                  # which layers (1-based)
+    anomaly_map: np.ndarray            # (H, W): what evaluation scores
+    raw_map: Optional[np.ndarray]      # (H, W), before the Gaussian smoothing (None: the method smooths nothing)
+    layer_maps: list                   # per tapped layer (or window scale) (H, W): its P(abnormal)
+    layer_names: tuple                 # "layer 6", "2x2 windows", ...
     grid: int                          # patches per side
     hsf_patches: Optional[np.ndarray]  # (K,) patch indices HSF clustered (None without HSF)
     hsf_clusters: Optional[np.ndarray]  # (K,) their k-means labels
@@ -54,17 +54,27 @@ def _resize(m: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
 
 @torch.no_grad()
 def inspect(model, image: Image.Image, class_name: str) -> Inspection:
-    """Run ``model`` on one PIL image with ``class_name`` and keep every intermediate result."""
+    """Run ``model`` (any method) on one PIL image with ``class_name`` and keep every intermediate
+    result it offers: per-layer maps (or WinCLIP's per-scale maps), the map before smoothing, HSF's
+    clusters."""
     model.eval()
     rgb = image.convert("RGB")
     x = model.transform(rgb)[None].to(model.device)
     out = model(x, [class_name], return_layer_maps=True, return_details=True)
     size = (rgb.height, rgb.width)
-    d = out.details
+    d = out.details or {}
+    if out.layer_maps is not None:
+        layers = [m[0, 1] for m in out.layer_maps]
+        names = tuple(f"layer {k}" for k in getattr(model, "out_layers", range(1, len(layers) + 1)))
+    else:
+        layers = [m[0] for m in d.get("scale_maps", [])]
+        names = tuple(f"{k}x{k} windows" for k in getattr(model.cfg, "scales", ()))
+    raw = d.get("raw_pixel_scores")
     return Inspection(
         image=np.asarray(rgb), class_name=class_name, score=float(out.image_scores[0]),
-        anomaly_map=_resize(out.pixel_scores[0].cpu(), size), raw_map=_resize(d["raw_pixel_scores"][0].cpu(), size),
-        layer_maps=[_resize(m[0, 1].cpu(), size) for m in out.layer_maps], out_layers=tuple(model.out_layers),
+        anomaly_map=_resize(out.pixel_scores[0].cpu(), size),
+        raw_map=_resize(raw[0].cpu(), size) if raw is not None else None,
+        layer_maps=[_resize(m.cpu(), size) for m in layers], layer_names=names,
         grid=model.image_size // model.patch_size,
         hsf_patches=d["hsf_patches"][0].cpu().numpy() if "hsf_patches" in d else None,
         hsf_clusters=d["hsf_clusters"][0].cpu().numpy() if "hsf_clusters" in d else None)
@@ -218,19 +228,27 @@ class Explorer:
         return self._images[key]
 
     # ---------------------------------------------------------------- drawing
-    def figure(self):
-        """The current view: image, map overlay, mask at the threshold, ground truth, score and decision."""
-        found, mask = self.current()
+    def figure(self, found: Optional[Inspection] = None, mask: Optional[np.ndarray] = None):
+        """The current view (or ``found``'s): image, map overlay, mask at the threshold, ground truth,
+        score and decision."""
+        if found is None:
+            found, mask = self.current()
         if found is None:
             return None
         return viz.explorer_view(found, self.threshold.value, mask, title=self.title)
 
-    def step_figures(self) -> dict:
-        """The intermediate results of the current image: layer maps, smoothing, HSF's clusters."""
-        found, _ = self.current()
+    def step_figures(self, found: Optional[Inspection] = None) -> dict:
+        """The intermediate results of the current image (or ``found``): per-layer (or per-scale) maps,
+        smoothing, HSF's clusters, as far as the method has them."""
+        if found is None:
+            found, _ = self.current()
         if found is None:
             return {}
-        figures = {"layers": viz.layer_maps_figure(found), "smoothing": viz.smoothing_figure(found)}
+        figures = {}
+        if found.layer_maps:
+            figures["layers"] = viz.layer_maps_figure(found)
+        if found.raw_map is not None:
+            figures["smoothing"] = viz.smoothing_figure(found)
         if found.hsf_patches is not None:
             figures["hsf"] = viz.hsf_figure(found)
         return figures
@@ -249,20 +267,25 @@ class Explorer:
     def refresh(self) -> None:
         """Redraw into the widgets' output areas (the model runs only for a new image or class name)."""
         reason = self.empty_reason()
-        fig = None if reason else self.figure()
+        found, mask = self.current() if not reason else (None, None)
+        source = self.last_source                                  # of this inspection: a model run or the cache
+        fig = self.figure(found, mask) if found is not None else None
         show(self.output, [fig] if fig is not None else [])      # nothing to draw: no stale figure either
         if self.steps.selected_index == 0:
-            show(self.steps_output, list(self.step_figures().values()) if fig is not None else [])
-        self.status.value = reason or self.last_source
+            show(self.steps_output, list(self.step_figures(found).values()) if found is not None else [])
+        self.status.value = reason or source
 
     def save(self) -> Optional[Path]:
         """Save the current view (PNG and PDF) under ``figures_dir``; returns the PNG path."""
+        import matplotlib.pyplot as plt
+
         fig = self.figure()
         if fig is None:
             return None
         key = self.image.value.split(":", 1)[1]
         name = Path(self.df.at[int(key), "image"]).stem if self.image.value.startswith("row:") else Path(key).stem
         path = viz.save(fig, self.figures_dir / f"04_explore_{name}_{self.class_name.value.strip().replace(' ', '_')}.png")
+        plt.close(fig)                    # a button's figure: nothing else shows it (it would reach the log console)
         self.status.value = f"saved {path}"
         return path
 
@@ -271,5 +294,6 @@ class Explorer:
 
         self.refresh()
         return w.VBox([w.HBox([self.dataset, self.category, self.label]), w.HBox([self.image, self.upload]),
-                       w.HBox([self.class_name, self.threshold, self.save_button, self.status]),
+                       w.HBox([self.class_name, self.threshold, self.save_button]),
+                       self.status,                      # a row of its own: long messages squeeze no control
                        self.output, self.steps])

@@ -1,12 +1,11 @@
-"""ONNX export of the whole inference graph: ``adaclip export``.
+"""ONNX export of a method's whole inference graph: ``adaclip export``.
 
     adaclip export --checkpoint results/default/model.pt --class-name bottle --out bottle.onnx
 
 The graph takes ``images`` (B, 3, S, S), normalised as ``model.transform`` does, at a fixed input
-size and batch size, and returns ``image_scores`` (B,) and ``anomaly_maps`` (B, S, S): the
-unprompted and the prompted visual pass, the text pass for the class name when dynamic text
-prompts make it depend on the image (otherwise its features are precomputed constants), the maps,
-HSF and the image score. HSF's k-means runs all of its Lloyd steps in the graph: once the labels stop
+size and batch size, and returns ``image_scores`` (B,) and ``anomaly_maps`` (B, S, S): every visual
+pass of the method, the text pass for the class name when it depends on the image (AdaCLIP's dynamic
+text prompts; otherwise its features are precomputed constants), the maps and the image score. HSF's k-means runs all of its Lloyd steps in the graph: once the labels stop
 changing every further step repeats them, so the graph computes exactly what PyTorch does (which
 stops at that point). The file's metadata records the class name, input size, normalisation,
 method and this note. Needs the optional extra ``export`` (onnx, onnxruntime, onnxscript).
@@ -22,9 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .backbone import normalization
 from .io import atomic_path
-from .model import AdaCLIP
-from .model.backbone import normalization
+from .methods import Method
 
 PathLike = Union[str, Path]
 HSF_NOTE = ("HSF exported exactly: k-means runs its full max_iter Lloyd steps (steps after convergence "
@@ -34,17 +33,23 @@ HSF_NOTE = ("HSF exported exactly: k-means runs its full max_iter Lloyd steps (s
 class InferenceGraph(nn.Module):
     """``model`` for one class name: images in, (image scores, anomaly maps) out."""
 
-    def __init__(self, model: AdaCLIP, class_name: str):
+    def __init__(self, model: Method, class_name: str):
         super().__init__()
         self.model, self.class_name = model.eval(), class_name
-        self.text_is_dynamic = model.text_prompts is not None and model.cfg.prompts.dynamic
-        text = None if self.text_is_dynamic else model.text_features([class_name]).detach()   # (1, D, 2)
+        self.text_is_dynamic = model.text_depends_on_image
+        with torch.no_grad():
+            text = None if self.text_is_dynamic else model.text_features([class_name]).detach()   # (1, D, 2)
         self.register_buffer("text", text, persistent=False)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         text = None if self.text is None else self.text.expand(images.shape[0], -1, -1)
         out = self.model(images, [self.class_name] * images.shape[0], text_features=text)
         return out.image_scores, out.pixel_scores
+
+
+def uses_hsf(model: Method) -> bool:
+    """AdaCLIP with Hybrid Semantic Fusion (its k-means is exported step by step)."""
+    return bool(getattr(getattr(model.cfg, "fusion", None), "use_hsf", False))
 
 
 def _require(module: str):
@@ -55,7 +60,7 @@ def _require(module: str):
                           f"pip install -e '.[export]' (make test installs them)") from e
 
 
-def export_onnx(model: AdaCLIP, class_name: str, path: PathLike, batch_size: int = 1, opset: int = 18) -> Path:
+def export_onnx(model: Method, class_name: str, path: PathLike, batch_size: int = 1, opset: int = 18) -> Path:
     """Write the inference graph of ``model`` for ``class_name`` to ``path`` (atomically)."""
     onnx = _require("onnx")
     _require("onnxscript")
@@ -73,10 +78,10 @@ def export_onnx(model: AdaCLIP, class_name: str, path: PathLike, batch_size: int
         proto = onnx.load(str(tmp))
         mean, std = normalization(model.cfg.backbone)
         meta = {"class_name": class_name, "image_size": str(size), "batch_size": str(batch_size),
-                "method": model.cfg.method, "mean": json.dumps(mean), "std": json.dumps(std),
+                "method": model.name, "mean": json.dumps(mean), "std": json.dumps(std),
                 "input": "images (B, 3, S, S): RGB resized to S x S (bicubic), scaled to [0, 1], normalised",
                 "outputs": "image_scores (B,) P(abnormal); anomaly_maps (B, S, S) in [0, 1]",
-                "hsf": HSF_NOTE if model.cfg.fusion.use_hsf else "HSF off in this model",
+                "hsf": HSF_NOTE if uses_hsf(model) else "HSF off in this model",
                 "text": "computed in the graph (dynamic text prompts)" if graph.text_is_dynamic else
                         "precomputed constants (no dynamic text prompt)",
                 "config": json.dumps(model.cfg.to_dict()),
@@ -88,7 +93,7 @@ def export_onnx(model: AdaCLIP, class_name: str, path: PathLike, batch_size: int
     return path
 
 
-def compare_with_torch(path: PathLike, model: AdaCLIP, images: torch.Tensor) -> dict:
+def compare_with_torch(path: PathLike, model: Method, images: torch.Tensor) -> dict:
     """Run the exported file with onnxruntime and PyTorch on ``images``: largest absolute differences."""
     ort = _require("onnxruntime")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

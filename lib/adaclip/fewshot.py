@@ -1,74 +1,32 @@
-"""Few-shot mode: a memory bank of normal reference patches, as APRIL-GAN and AnomalyCLIP add it.
+"""Few-shot mode, the harness side: which normal references each test category gets, and a
+method's memory filled with them. What a memory computes is the method's own (`Method.few_shot_memory`:
+AdaCLIP and its baselines compare patch tokens, APRIL-GAN its raw tokens per layer, WinCLIP+ its
+windows and patches).
 
-With k normal images of the test category, each test patch gets 1 - (its largest cosine similarity
-to the references' patches of the same layer), averaged over the four layers, upsampled and smoothed
-like the zero-shot map. The maps are then added, and the image score adds the few-shot map's
-maximum; both sums are halved (and the distance clipped to [0, 1]) so scores stay in [0, 1].
-
->>> memory = FewShotMemory(model)
->>> memory.add("visa/capsules", reference_images, "capsules")            # (k, 3, S, S)
+>>> drawn = draw_references(train_rows, test_rows, k=4, seed=0)
+>>> memory = memory_from_references(model, drawn, root)
 >>> out = memory.apply(model(images, names, return_tokens=True), ["visa/capsules"] * len(images))
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Optional, Sequence
+from typing import Optional
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
-
-from .model.fusion import gaussian_blur
 
 
-class FewShotMemory:
-    def __init__(self, model):
-        self.model = model
-        self.banks: dict[str, list[torch.Tensor]] = {}   # key -> per layer (k·N, W), L2-normalised
+def memory_from_references(model, drawn: dict, root):
+    """The method's few-shot memory of every category's references: ``drawn`` maps (dataset, category)
+    to manifest rows (see `draw_references`) whose paths are relative to ``root``."""
+    from .data import AnomalyDataset
+    from .evaluate import autocast
 
-    @classmethod
-    def from_references(cls, model, drawn: dict, root) -> "FewShotMemory":
-        """A memory of every category's references: ``drawn`` maps (dataset, category) to manifest rows
-        (see `draw_references`) whose paths are relative to ``root``."""
-        from .data import AnomalyDataset
-        from .evaluate import autocast
-
-        memory = cls(model)
-        for (name, category), rows in drawn.items():
-            refs = AnomalyDataset(rows, root, model.transform, model.image_size)
-            with autocast(model.device):
-                memory.add(f"{name}/{category}", torch.stack([refs[i]["image"] for i in range(len(refs))]), category)
-        return memory
-
-    @torch.no_grad()
-    def add(self, key: str, images: torch.Tensor, class_name: str) -> None:
-        """Remember the patch features of ``images`` (k, 3, S, S), normal images of category ``key``."""
-        out = self.model(images.to(self.model.device), class_name, return_tokens=True)
-        self.banks[key] = [F.normalize(t.float(), dim=-1).reshape(-1, t.shape[-1]) for t in out.patch_tokens]
-
-    def distance_map(self, tokens: Sequence[torch.Tensor], keys: Sequence[str]) -> torch.Tensor:
-        """(B, S, S) few-shot map in [0, 1] for tokens per layer (B, N, W) of images of ``keys``."""
-        rows = []
-        for b, key in enumerate(keys):
-            if key not in self.banks:
-                raise KeyError(f"no few-shot references for {key!r}; add them first")
-            per_layer = [1 - (F.normalize(t[b].float(), dim=-1) @ bank.T).max(dim=-1).values        # (N,)
-                         for t, bank in zip(tokens, self.banks[key])]
-            rows.append(torch.stack(per_layer).mean(0))
-        dist = torch.stack(rows).clamp(0, 1)                                                      # (B, N)
-        B, N = dist.shape
-        g, size = self.model.image_size // self.model.patch_size, self.model.image_size
-        up = F.interpolate(dist.reshape(B, 1, g, g), size=(size, size), mode="bilinear", align_corners=True)[:, 0]
-        return gaussian_blur(up, self.model.cfg.fusion.smoothing_sigma).clamp(0, 1)
-
-    def apply(self, out, keys: Sequence[str]):
-        """The zero-shot output ``out`` (from ``return_tokens=True``) with the few-shot map added."""
-        if out.patch_tokens is None:
-            raise ValueError("few-shot scoring needs the patch tokens: call the model with return_tokens=True")
-        few = self.distance_map(out.patch_tokens, keys)
-        pixel = (out.pixel_scores + few) / 2
-        score = (out.image_scores + few.flatten(1).max(dim=1).values) / 2
-        return dataclasses.replace(out, image_scores=score, pixel_scores=pixel)
+    memory = model.few_shot_memory()
+    for (name, category), rows in drawn.items():
+        refs = AnomalyDataset(rows, root, model.transform, model.image_size)
+        with autocast(model.device):
+            memory.add(f"{name}/{category}", torch.stack([refs[i]["image"] for i in range(len(refs))]), category)
+    return memory
 
 
 def draw_references(pool: pd.DataFrame, test: pd.DataFrame, k: int, seed: int = 0) -> dict[tuple, pd.DataFrame]:
@@ -103,4 +61,4 @@ def reference_list(drawn: Optional[dict]) -> dict:
     return {f"{d}/{c}": list(rows.image) for (d, c), rows in (drawn or {}).items()}
 
 
-__all__ = ["FewShotMemory", "draw_references", "reference_list"]
+__all__ = ["memory_from_references", "draw_references", "reference_list"]

@@ -5,7 +5,7 @@ parameters that its ``parameters`` cell defines. A notebook whose executed copy 
 same parameters is skipped, so a killed pipeline resumes where it stopped (``force=True`` reruns all;
 training itself resumes from its last epoch).
 
-``baselines`` (default: the training-free ``clip``) run notebooks 01 and 02 again with
+``baselines`` (default: APRIL-GAN, WinCLIP and zero-shot CLIP) run notebooks 01 and 02 again with
 ``method=<baseline>`` into ``results/<run>/baselines/<baseline>/``, and notebook 03 compares them
 with the run. Kernels talk over IPC sockets (no unencrypted TCP, no kernel warning in the log).
 """
@@ -24,9 +24,11 @@ from jupyter_client.manager import AsyncKernelManager
 from traitlets import default
 
 from .data.registry import REPO_ROOT, results_root
+from .runs import BASELINE_DIR
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
-BASELINE_DIR = "baselines"
+# the methods run beside a run (notebooks 01 and 02 into <run>/baselines/<method>/) and compared with it
+DEFAULT_BASELINES = ("aprilgan", "winclip", "clip")
 
 
 class IPCKernelManager(AsyncKernelManager):
@@ -74,14 +76,16 @@ def coerce(value: str):
 
 
 def finished(path: Path, parameters: dict) -> bool:
-    """The executed copy ran to the end with the same parameters."""
+    """The executed copy ran to the end with the same parameters: every code cell completed and
+    actually started (a kernel that died leaves the cells after it "completed" without a start time
+    and no exception in papermill's metadata)."""
     if not path.is_file():
         return False
     nb = json.loads(path.read_text())
     meta = nb.get("metadata", {}).get("papermill", {})
+    cells = [c.get("metadata", {}).get("papermill", {}) for c in nb.get("cells", []) if c.get("cell_type") == "code"]
     return "exception" in meta and not meta["exception"] and meta.get("parameters") == parameters and \
-        all(c.get("metadata", {}).get("papermill", {}).get("status") == "completed"
-            for c in nb.get("cells", []) if c.get("cell_type") == "code")
+        all(c.get("status") == "completed" and c.get("start_time") for c in cells)
 
 
 def declared_parameters() -> dict[Path, list[str]]:
@@ -117,7 +121,7 @@ def check_parameters(params: dict, declared: Optional[dict] = None) -> None:
 
 
 def plan_pipeline(run: str = "default", params: Optional[dict] = None, notebooks_to_run: Optional[Iterable[str]] = None,
-                  results_dir: Optional[Path] = None, baselines: Sequence[str] = ("clip",)) -> list[tuple]:
+                  results_dir: Optional[Path] = None, baselines: Sequence[str] = DEFAULT_BASELINES) -> list[tuple]:
     """What `run_pipeline` would execute: (notebook, executed copy, parameters it gets), in order.
     Raises ValueError for a parameter no notebook takes."""
     params = {k: coerce(v) if isinstance(v, str) else v for k, v in (params or {}).items()}
@@ -148,7 +152,7 @@ def plan_pipeline(run: str = "default", params: Optional[dict] = None, notebooks
 
 def run_pipeline(run: str = "default", params: Optional[dict] = None, notebooks_to_run: Optional[Iterable[str]] = None,
                  force: bool = False, kernel: str = "python3", results_dir: Optional[Path] = None,
-                 baselines: Sequence[str] = ("clip",), **kwargs) -> list[Path]:
+                 baselines: Sequence[str] = DEFAULT_BASELINES, **kwargs) -> list[Path]:
     import papermill as pm
 
     written = []

@@ -26,7 +26,7 @@ from .data.adapters.common import IMAGE_EXTS
 from .data.images import ImageError, load_image
 from .evaluate import THRESHOLDS
 from .io import atomic_path, write_csv
-from .predictor import AdaCLIPPredictor
+from .predictor import Predictor
 
 PathLike = Union[str, Path]
 
@@ -96,7 +96,7 @@ def _unique_names(files: Sequence[Path]) -> list[str]:
     return names
 
 
-def predict_files(predictor: AdaCLIPPredictor, files: Sequence[Path], class_name: str, out_dir: PathLike,
+def predict_files(predictor: Predictor, files: Sequence[Path], class_name: str, out_dir: PathLike,
                   thresholds: Thresholds, masks: bool = False, progress: bool = True) -> tuple[pd.DataFrame, list[str]]:
     """Score ``files`` in batches; write overlays (and masks) and ``predictions.csv`` into ``out_dir``.
 

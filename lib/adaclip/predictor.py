@@ -1,6 +1,6 @@
-"""SAM-style predictor: numpy / PIL images in, scores and anomaly maps out.
+"""SAM-style predictor for any method: numpy / PIL images in, scores and anomaly maps out.
 
->>> predictor = AdaCLIPPredictor(AdaCLIP.load("results/default/model.pt"))
+>>> predictor = Predictor(methods.load("results/default/model.pt"))
 >>> scores, maps = predictor.predict([np.asarray(Image.open("x.png"))], "bottle")   # (B,), list of (H, W)
 """
 from __future__ import annotations
@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .model import AdaCLIP
+from .methods import Method
 
 ImageLike = Union[np.ndarray, Image.Image]
 
 
-class AdaCLIPPredictor:
-    def __init__(self, model: AdaCLIP, batch_size: int = 8):
+class Predictor:
+    def __init__(self, model: Method, batch_size: int = 8):
         self.model = model.eval()
         self.transform = model.transform
         self.batch_size = batch_size
@@ -51,3 +51,6 @@ class AdaCLIPPredictor:
                     m = F.interpolate(m[None, None], size=(im.height, im.width), mode="bilinear", align_corners=False)[0, 0]
                 maps.append(m.clamp(0, 1).cpu().numpy())
         return np.concatenate(scores), maps
+
+
+AdaCLIPPredictor = Predictor     # its name when AdaCLIP was the only method

@@ -11,6 +11,7 @@ import torch
 
 from .io import write_json
 
+BASELINE_DIR = "baselines"     # results/<run>/baselines/<method>/: the baselines the pipeline runs beside a run
 RANDOM_WEIGHTS = "random backbone weights: these numbers say nothing about detection quality"
 PACKAGES = ("adaclip", "torch", "torchvision", "open_clip_torch", "numpy", "scikit-learn", "scipy", "pandas", "papermill")
 

@@ -9,9 +9,11 @@ A sweep file (YAML)::
       - prompt_branch: [V, L, VL]
     configs:                   # and/or an explicit list of overrides
       - {method: clip}
+      - {id: aprilgan, method: aprilgan, train_manifests: [mvtec.csv]}   # an id of its own
 
 ``adaclip sweep FILE --run NAME`` runs each configuration into ``results/NAME/<config-id>/``
-(ids read like ``prompt_type=D,prompt_branch=VL``; the base alone is ``base``), keeping the executed
+(ids read like ``prompt_type=D,prompt_branch=VL`` unless a config names its ``id``; the base alone
+is ``base``), keeping the executed
 notebooks. A configuration already finished with the same parameters is skipped, a failing one is
 recorded with its error and the sweep goes on, and a parameter no notebook takes stops the sweep
 before anything runs. Then ``results/NAME/sweep.csv``: one row per configuration x dataset x
@@ -88,11 +90,12 @@ def expand(spec: Union[PathLike, dict]) -> list[SweepConfig]:
         overrides = [{}]
     configs, seen = [], set()
     for o in overrides:
+        name = o.pop("id", None)
         params = {**base, **o}
         key = json.dumps(params, sort_keys=True, default=str)
         if key not in seen:
             seen.add(key)
-            configs.append(SweepConfig(config_id(o), o, params))
+            configs.append(SweepConfig(str(name) if name is not None else config_id(o), o, params))
     ids = [c.id for c in configs]
     if len(set(ids)) != len(ids):
         raise ValueError(f"sweep: two configurations share an id: {sorted(i for i in ids if ids.count(i) > 1)}")
@@ -237,6 +240,8 @@ def sweep_table(sweep_dir: PathLike, configs: list[SweepConfig], status: Optiona
                **{k: _show(c.params[k]) if isinstance(c.params.get(k), (list, dict)) else c.params.get(k)
                   for k in params}}
         config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+        # every configuration says which method ran (a sweep need not vary it)
+        row["method"] = config.get("method") or c.params.get("method") or defaults.get("method")
         row["backbone_weights"] = config.get("backbone_weights")
         if (folder / "metrics.csv").is_file() and state != "failed":
             metrics = pd.read_csv(folder / "metrics.csv")

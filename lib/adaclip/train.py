@@ -1,7 +1,8 @@
-"""Prompt training on an auxiliary annotated dataset (paper Sec. 3.4, reference method/trainer.py).
+"""Training a method's learnable parts on an auxiliary annotated dataset (AdaCLIP paper Sec. 3.4,
+reference method/trainer.py; the same loop for every method: each brings its own loss and recipe).
 
 Writes to ``run_dir``: ``train_log.csv`` (one row per step), ``checkpoints/epoch_NNN.pt`` (learnable
-parameters + config, loadable with ``AdaCLIP.load``), ``checkpoints/last.pt`` (optimizer and
+parameters + config, loadable with ``methods.load``), ``checkpoints/last.pt`` (optimizer and
 progress, for ``resume=True``), ``model.pt`` (the selected model) and ``config.json``.
 A killed run resumes from its last finished epoch and ends with the same weights as an
 uninterrupted one: the data order and every random draw of an epoch depend on (seed, epoch) only.
@@ -22,13 +23,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from . import distributed
-from .config import AdaCLIPConfig, EvalCfg, TrainCfg
+from . import methods
+from .config import EvalCfg, TrainCfg
 from .data import AnomalyDataset, ManifestError, check, check_disjoint
 from .evaluate import as_manifest, autocast, evaluate
 from .io import atomic_path
-from .losses import adaclip_loss
-from .model import AdaCLIP
-from .model.checkpoint import load_state, read as read_checkpoint
+from .methods import Method, Targets
+from .methods.checkpoint import load_state, read as read_checkpoint
 from .runs import update_config, weights_note
 
 PathLike = Union[str, Path]
@@ -63,11 +64,14 @@ def _selection_score(result) -> float:
     return float("nan")
 
 
-def train(model_cfg: Union[AdaCLIPConfig, dict], train_cfg: Union[TrainCfg, dict], train_manifests,
+def train(model_cfg, train_cfg: Union[TrainCfg, dict], train_manifests,
           data_root: PathLike, run_dir: PathLike, *, test_manifests=None, test_root: Optional[PathLike] = None,
           resume: bool = False, device: Optional[str] = None, progress: bool = True,
-          max_steps: Optional[int] = None) -> AdaCLIP:
-    """Train the learnable prompts and projections; returns the selected model.
+          max_steps: Optional[int] = None, method: Optional[str] = None) -> Method:
+    """Train a method's learnable parts; returns the selected model.
+
+    ``model_cfg``: a method's config (its class names the method) or a dict with ``method``
+    (default "adaclip"); a training-free method gets a run folder like any other, without training.
 
     ``train_manifests``: DataFrame or CSV path(s) of the auxiliary annotated data (for MVTec AD,
     its test split, as the reference does). ``test_manifests`` are only read to refuse overlap
@@ -75,7 +79,9 @@ def train(model_cfg: Union[AdaCLIPConfig, dict], train_cfg: Union[TrainCfg, dict
     which leaks test data into model selection: off by default). ``max_steps`` stops early
     without finishing the epoch (smoke runs; also how the tests simulate a killed run).
     """
-    model_cfg = AdaCLIPConfig.from_dict(model_cfg) if isinstance(model_cfg, dict) else model_cfg
+    method = method or methods.name_of(model_cfg)
+    if isinstance(model_cfg, dict):
+        model_cfg = methods.get(method).config_class.from_dict({k: v for k, v in model_cfg.items() if k != "method"})
     cfg = TrainCfg.from_dict(train_cfg) if isinstance(train_cfg, dict) else train_cfg
     run_dir, ckpt_dir = Path(run_dir), Path(run_dir) / "checkpoints"
     device = torch.device(device) if device else distributed.default_device()
@@ -93,11 +99,11 @@ def train(model_cfg: Union[AdaCLIPConfig, dict], train_cfg: Union[TrainCfg, dict
         raise ValueError("selection='test_f1' needs test_manifests")
 
     seed_everything(cfg.seed)
-    model = AdaCLIP(model_cfg).to(device)
+    model = methods.get(method)(model_cfg).to(device)
     model.checkpoint_activations = cfg.checkpoint_activations
     # the auxiliary datasets, as the published tables name them ("mvtec+colondb"); "" when nothing is learned
     model.trained_on = "+".join(dict.fromkeys(train_df.dataset.astype(str))) if model.learnable_parameters() else ""
-    what_ran = dict(model=model_cfg.to_dict(), train=cfg.to_dict(), train_manifests=_sources(train_manifests),
+    what_ran = dict(method=method, model=model_cfg.to_dict(), train=cfg.to_dict(), train_manifests=_sources(train_manifests),
                     test_manifests=_sources(test_manifests), data_root=str(data_root), trained_on=model.trained_on,
                     **weights_note(model))
     if not model.learnable_parameters():           # a training-free baseline ("clip"): a run like any other
@@ -108,9 +114,10 @@ def train(model_cfg: Union[AdaCLIPConfig, dict], train_cfg: Union[TrainCfg, dict
             model.save(run_dir / "model.pt", epoch=0, selection="none")
             update_config(run_dir, **what_ran, selected_epoch=None, selection="none (training-free: nothing to learn)")
         distributed.barrier()
-        print(f"method {model_cfg.method!r} learns nothing: no training; {run_dir / 'model.pt'} holds its config")
+        print(f"method {method!r} learns nothing: no training; {run_dir / 'model.pt'} holds its config")
         return model
-    optimizer = torch.optim.AdamW(model.learnable_parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+    optim = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[cfg.optimizer]
+    optimizer = optim(model.learnable_parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
     start_epoch, step, best = 0, 0, {"score": -float("inf"), "epoch": None, "scores": {}}
     log_path = run_dir / "train_log.csv"
 
@@ -121,7 +128,8 @@ def train(model_cfg: Union[AdaCLIPConfig, dict], train_cfg: Union[TrainCfg, dict
         free = ("epochs", "checkpoint_activations")
         resumable = {k: v for k, v in cfg.to_dict().items() if k not in free}
         saved = {k: v for k, v in state["train_config"].items() if k not in free}
-        if state["model_config"] != model_cfg.to_dict() or saved != _jsonable(resumable):
+        if state.get("method", "adaclip") != method or state["model_config"] != model_cfg.to_dict() \
+                or saved != _jsonable(resumable):
             raise ValueError(f"cannot resume {last}: it was trained with model config {state['model_config']} "
                              f"and train config {state['train_config']}, not {model_cfg.to_dict()} and "
                              f"{cfg.to_dict()}; use another run_dir or resume=False")
@@ -165,10 +173,9 @@ def train(model_cfg: Union[AdaCLIPConfig, dict], train_cfg: Union[TrainCfg, dict
                 images, masks = batch["image"].to(device), batch["mask"].to(device)
                 labels, has_mask = batch["label"].to(device), batch["has_mask"].to(device)
                 with autocast(device, cfg.amp):
-                    out = net(images, list(batch["class_name"]), return_layer_maps=True)
-                # images without pixel ground truth (image-level datasets) add no segmentation loss
-                maps = [m.float()[has_mask] for m in out.layer_maps] if has_mask.any() else []
-                loss, parts = adaclip_loss(out.image_probs.float(), maps, labels, masks[has_mask], cfg.dice)
+                    # each method's own loss; images without pixel ground truth add no segmentation loss
+                    out = net(images, list(batch["class_name"]), targets=Targets(labels, masks, has_mask, cfg.dice))
+                loss, parts = out.loss, out.loss_parts
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -194,7 +201,8 @@ def train(model_cfg: Union[AdaCLIPConfig, dict], train_cfg: Union[TrainCfg, dict
             if main:
                 model.save(ckpt_dir / f"epoch_{epoch + 1:03d}.pt", epoch=epoch + 1, step=step)
                 with atomic_path(last) as tmp:
-                    torch.save({"epoch": epoch + 1, "step": step, "best": best, "model_config": model_cfg.to_dict(),
+                    torch.save({"epoch": epoch + 1, "step": step, "best": best, "method": method,
+                                "model_config": model_cfg.to_dict(),
                                 "train_config": _jsonable(cfg.to_dict()), "learnable": model.learnable_state_dict(),
                                 "optimizer": optimizer.state_dict()}, tmp)
     distributed.barrier()                          # every checkpoint is written before any rank reads one

@@ -95,11 +95,12 @@ def counts_plot(counts: pd.DataFrame) -> Figure:
 
 
 def loss_curve(log: pd.DataFrame) -> Figure:
-    """Per-step training loss with a running mean, epochs marked."""
+    """Per-step training loss with a running mean (a few steps: every step marked), epochs marked."""
     fig, ax = plt.subplots(figsize=(6, 3))
-    ax.plot(log["step"], log["loss"], alpha=0.35, label="loss")
     window = len(log) // 20
-    if window > 1:
+    few = window < 2                                   # too few steps for a running mean: show each one
+    ax.plot(log["step"], log["loss"], alpha=1.0 if few else 0.35, marker="o" if few else None, ms=3, label="loss")
+    if not few:
         ax.plot(log["step"], log["loss"].rolling(window, min_periods=1).mean(), label=f"running mean ({window})")
     for step in log.groupby("epoch")["step"].max().iloc[:-1]:
         ax.axvline(step, color="grey", lw=0.5, ls="--")
@@ -116,9 +117,10 @@ def loss_curve(log: pd.DataFrame) -> Figure:
 
 def anomaly_maps(images: Sequence[np.ndarray], maps: Sequence[np.ndarray], masks: Sequence[Optional[np.ndarray]],
                  titles: Sequence[str], title: str = "") -> Figure:
-    """Columns of (image + mask, image + anomaly map)."""
+    """Columns of (image + mask, image + anomaly map), at most as wide as a notebook's output area."""
     n = len(images)
-    fig, axes = plt.subplots(2, n, figsize=(2.2 * n, 4.6), squeeze=False)
+    side = min(2.2, SCREEN_WIDTH / max(n, 1))
+    fig, axes = plt.subplots(2, n, figsize=(side * n, 2.1 * side), squeeze=False)
     for i in range(n):
         overlay(axes[0, i], images[i], masks[i], title=titles[i])
         overlay(axes[1, i], images[i], masks[i], heat=maps[i], title="anomaly map")
@@ -215,7 +217,7 @@ def ablation_bars(table: pd.DataFrame, parameter: str, metric: str = "pixel_auro
     """Bars of ``metric`` (percent) for each value of a swept ``parameter``, one hue per dataset, with
     the baseline's value as a dashed reference line. ``table``: dataset-level rows of a sweep."""
     data = table.dropna(subset=[metric]).assign(value=lambda d: d[metric] * 100,
-                                                **{parameter: lambda d: d[parameter].astype(str)})
+                                                **{parameter: lambda d: d[parameter].map(lambda v: "None" if pd.isna(v) else str(v))})
     with paper_style():
         fig, ax = plt.subplots(figsize=(COLUMN, 2.2))
         sns.barplot(data=data, x=parameter, y="value", hue="dataset", ax=ax, errorbar=None)
@@ -321,12 +323,13 @@ def layer_maps_figure(found) -> Figure:
         h, w = found.image.shape[:2]
         fig, axes = plt.subplots(1, n, figsize=(SCREEN_WIDTH, (SCREEN_WIDTH - 1.0) / n * h / w + 0.9), squeeze=False,
                                  layout="constrained")
-        for ax, layer, m in zip(axes[0], found.out_layers, found.layer_maps):
+        for ax, name, m in zip(axes[0], found.layer_names, found.layer_maps):
             heat = ax.imshow(m, cmap="jet", vmin=0, vmax=1)
-            ax.set_title(f"layer {layer}")
+            ax.set_title(name)
             ax.axis("off")
         fig.colorbar(heat, ax=axes, fraction=0.02, pad=0.01, label="P(abnormal)")
-        fig.suptitle("per-layer maps (then their logits are averaged)")
+        fig.suptitle("per-layer maps, before they are combined" if found.layer_names[0].startswith("layer")
+                     else "per-scale window maps, before the harmonic mean with the image score")
     return fig
 
 

@@ -1,8 +1,10 @@
-"""Frozen open_clip CLIP backbone: weight resolution, resizing, and the prompted encoder passes.
+"""The frozen CLIP every method shares: stock ``open_clip_torch`` (no vendored copy), its weights
+(tag, local file, cache; a clear error offline), activation, input size and image transform.
 
-The model is stock ``open_clip_torch`` (no vendored copy). The prompted passes loop over
-``transformer.resblocks`` themselves because prompts are inserted between blocks
-(ADACLIP_SPEC.md, "Forward pass" steps 3 and 4).
+How the positional embedding reaches the input size is a recorded choice, because the references
+differ (``BackboneCfg.pos_embed_interp``): AdaCLIP resizes bicubically without antialiasing, open_clip
+(APRIL-GAN, AA-CLIP) bicubically with antialiasing (the same when enlarging), AnomalyCLIP and Crane
+bilinearly.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import open_clip
 import torch
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
+from torchvision import transforms as T
 
 from ..config import BackboneCfg, activation_name
 
@@ -72,13 +75,13 @@ def config_quick_gelu(name: str) -> bool:
     return bool(open_clip.get_model_config(name).get("quick_gelu", False))
 
 
-def weights_quick_gelu(cfg: BackboneCfg) -> bool:
-    """The activation the configured weights were trained with: the tag's own; OpenAI's QuickGELU for
-    a file or a random init (CLIP as OpenAI built it)."""
+def weights_quick_gelu(cfg: BackboneCfg, default: bool = True) -> bool:
+    """The activation the configured weights were trained with: the tag's own; for a file or a random
+    init ``default`` (True: OpenAI's QuickGELU, CLIP as OpenAI built it)."""
     tag = _known_tag(cfg)
     if tag:
         return bool(open_clip.get_pretrained_cfg(cfg.name, tag).get("quick_gelu", False))
-    return True
+    return default
 
 
 def _clean_tag(tag: str) -> str:
@@ -112,8 +115,8 @@ def build_clip(cfg: BackboneCfg, device: Optional[str] = None) -> nn.Module:
     if weights is None:
         log.warning("random weights: scores are meaningless (backbone %s, pretrained=None)", cfg.name)
     try:
-        # Built at the native size, then resized below: the reference interpolates the
-        # positional embedding bicubically without antialiasing; open_clip's loader antialiases.
+        # Built at the native size, then resized below as the method's reference resizes
+        # (open_clip's loader would always antialias).
         # `quick_gelu` as a model argument overrides the config both ways; open_clip's warning that
         # OpenAI's weights were trained with QuickGELU is expected where GELU is the recorded choice
         with _seeded(cfg.init_seed if weights is None else None), warnings.catch_warnings():
@@ -132,13 +135,13 @@ def build_clip(cfg: BackboneCfg, device: Optional[str] = None) -> nn.Module:
     visual = getattr(clip, "visual", None)
     if not isinstance(visual, open_clip.transformer.VisionTransformer) or visual.attn_pool is not None:
         raise ValueError(f"backbone {cfg.name} is not a plain open_clip ViT (got {type(visual).__name__}); "
-                         f"AdaCLIP needs ViT patch tokens, e.g. ViT-B-16, ViT-L-14, ViT-L-14-336")
+                         f"the methods need ViT patch tokens, e.g. ViT-B-16, ViT-L-14, ViT-L-14-336")
     if getattr(clip, "text_pool_type", "argmax") != "argmax" or not hasattr(clip, "token_embedding"):
         raise ValueError(f"backbone {cfg.name} has no CLIP text tower with EOT (argmax) pooling")
     if not (visual.transformer.batch_first and clip.transformer.batch_first):
         raise ValueError(f"backbone {cfg.name} runs its transformers sequence-first; the prompted passes "
                          f"expect open_clip's default batch-first layout")
-    set_image_size(visual, cfg.image_size)
+    set_image_size(visual, cfg.image_size, cfg.pos_embed_interp)
     log.info("%s: %s activation", cfg.name, activation_name(quick_gelu))
     clip.eval().requires_grad_(False)
     return clip
@@ -156,8 +159,15 @@ def _seeded(seed: Optional[int]):
         yield
 
 
-def resize_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
-    """(1 + g², W) -> (1 + grid², W): bicubic over the grid, class position kept (reference)."""
+POS_EMBED_INTERP = {            # BackboneCfg.pos_embed_interp -> F.interpolate arguments
+    "bicubic": dict(mode="bicubic", align_corners=False),                    # AdaCLIP's reference
+    "bicubic_antialias": dict(mode="bicubic", align_corners=False, antialias=True),   # open_clip's own
+    "bilinear": dict(mode="bilinear", align_corners=False),                  # AnomalyCLIP, Crane
+}
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, grid: int, interp: str = "bicubic") -> torch.Tensor:
+    """(1 + g², W) -> (1 + grid², W): interpolated over the grid (`POS_EMBED_INTERP`), class position kept."""
     cls_pos, grid_pos = pos_embed[:1], pos_embed[1:]
     old = int(round(grid_pos.shape[0] ** 0.5))
     if old * old != grid_pos.shape[0]:
@@ -165,23 +175,23 @@ def resize_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
     if old == grid:
         return pos_embed
     x = grid_pos.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()   # (1, W, g, g)
-    x = F.interpolate(x, size=(grid, grid), mode="bicubic", align_corners=False)
+    x = F.interpolate(x, size=(grid, grid), **POS_EMBED_INTERP[interp])
     x = x.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(pos_embed.dtype)
     return torch.cat([cls_pos, x], dim=0)
 
 
-def set_image_size(visual: nn.Module, image_size: int) -> None:
+def set_image_size(visual: nn.Module, image_size: int, interp: str = "bicubic") -> None:
     """Make a ViT take (image_size, image_size) inputs by resizing its positional embedding."""
     patch = patch_size(visual)
     check_image_size(image_size, patch)
     grid = image_size // patch
     if tuple(visual.grid_size) != (grid, grid):
         old = tuple(visual.grid_size)
-        visual.positional_embedding = nn.Parameter(resize_pos_embed(visual.positional_embedding.data, grid),
+        visual.positional_embedding = nn.Parameter(resize_pos_embed(visual.positional_embedding.data, grid, interp),
                                                    requires_grad=False)
         visual.grid_size = (grid, grid)
         visual.image_size = (image_size, image_size)
-        log.info("positional embedding resized from grid %s to %s", old, (grid, grid))
+        log.info("positional embedding resized (%s) from grid %s to %s", interp, old, (grid, grid))
 
 
 def check_image_size(image_size: int, patch: int) -> None:
@@ -210,80 +220,15 @@ def normalization(cfg: BackboneCfg) -> tuple[tuple[float, ...], tuple[float, ...
     return tuple(pc.get("mean") or OPENAI_DATASET_MEAN), tuple(pc.get("std") or OPENAI_DATASET_STD)
 
 
-def encode_image(visual: nn.Module, images: torch.Tensor, out_layers: Sequence[int],
-                 layer_prompts: Optional[Sequence[torch.Tensor]] = None, checkpoint: bool = False):
-    """Visual pass with prompts inserted between blocks.
-
-    images: (B, 3, S, S). layer_prompts: one (B, L, W) tensor per prompted layer 0..J-1, or None.
-    Layer 0 appends the prompt after the patch tokens; layers 1..J-1 replace the last L tokens;
-    later layers leave them in place. Returns the pooled, projected feature (B, D) and, per output
-    layer, the patch tokens (B, N, W) right after that block (no class token, no prompt tokens).
-    ``checkpoint``: keep no block activations for backward, recompute them (same gradients, less memory).
-    """
-    x = visual.conv1(images)                                    # (B, W, g, g)
-    x = x.flatten(2).transpose(1, 2)                            # (B, N, W)
-    cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-    x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)  # (B, 1+N, W)
-    x = visual.patch_dropout(x)
-    x = visual.ln_pre(x)
-    n_tok = x.shape[1]
-
-    want = set(out_layers)
-    patch_tokens = []
-    for i, block in enumerate(visual.transformer.resblocks):
-        if layer_prompts is not None and i < len(layer_prompts):
-            p = layer_prompts[i].to(x.dtype).expand(x.shape[0], -1, -1)  # (B, L, W)
-            x = torch.cat([x if i == 0 else x[:, :n_tok], p], dim=1)
-        x = run_block(block, x, checkpoint=checkpoint)
-        if i + 1 in want:
-            patch_tokens.append(x[:, 1:n_tok])                  # (B, N, W)
-
-    pooled = visual.ln_post(x[:, 0])                            # class token ('tok' pooling)
-    if visual.proj is not None:
-        pooled = pooled @ visual.proj                           # (B, D)
-    return pooled, patch_tokens
 
 
-def run_block(block: nn.Module, x: torch.Tensor, *args, checkpoint: bool = False, **kwargs) -> torch.Tensor:
-    """``block(x, ...)``, or the same with its activations recomputed in backward (activation
-    checkpointing: frozen blocks still store what backward needs to reach the prompts)."""
-    if checkpoint and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(block, x, *args, use_reentrant=False, **kwargs)
-    return block(x, *args, **kwargs)
-
-
-def encode_text(clip: nn.Module, tokens: torch.Tensor,
-                layer_prompts: Optional[Sequence[torch.Tensor]] = None, truncate: bool = True,
-                length: Optional[int] = None) -> torch.Tensor:
-    """Text pass with prompts replacing the tokens right after SOT in layers 1..J-1.
-
-    tokens: (G, S, T) token ids, G groups of S sentences. layer_prompts: one (G or 1, L, Wt)
-    tensor per prompted layer 0..J-1 (layer 0 is left untouched, as in the reference), or None.
-    Returns EOT features after ``ln_final`` and the projection: (G, S, D).
-    ``truncate`` drops the padding after the last EOT: exact, because attention is causal
-    (no token sees a later one), and ~5x less work for 77-token contexts. ``length``: the tokens
-    up to the last EOT, when the caller knows it (a plain int keeps exported graphs static).
-    """
-    G, S, T = tokens.shape
-    tokens = tokens.reshape(G * S, T)
-    eot = tokens.argmax(dim=-1)                                 # EOT has the highest id
-    L = layer_prompts[0].shape[1] if layer_prompts else 0
-    if truncate and not tokens.is_meta:
-        n = max(length if length is not None else int(eot.max()) + 1, 1 + L)
-    else:
-        n = T
-    cast = clip.transformer.get_cast_dtype()
-    x = clip.token_embedding(tokens[:, :n]).to(cast)           # (G·S, n, Wt)
-    x = x + clip.positional_embedding[:n].to(cast)
-    mask = clip.attn_mask[:n, :n] if clip.attn_mask is not None else None
-    for i, block in enumerate(clip.transformer.resblocks):
-        if layer_prompts is not None and 1 <= i < len(layer_prompts):
-            p = layer_prompts[i].to(x.dtype)                     # (G or 1, L, Wt)
-            p = p.unsqueeze(1).expand(G, S, L, p.shape[-1]).reshape(G * S, L, -1)
-            x = torch.cat([x[:, :1], p, x[:, 1 + L:]], dim=1)
-        x = block(x, attn_mask=mask)
-    x = clip.ln_final(x)
-    x = x[torch.arange(G * S, device=x.device), eot]            # (G·S, Wt)
-    proj = clip.text_projection
-    x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
-    return x.reshape(G, S, -1)
+def build_transform(cfg: BackboneCfg) -> T.Compose:
+    """PIL RGB image -> (3, S, S) float tensor: resize to (S, S) bicubic (no aspect-preserving crop, as
+    every reference squashes), to tensor, normalise with the weights' mean/std (OpenAI's for `openai`)."""
+    mean, std = normalization(cfg)
+    size = cfg.image_size
+    return T.Compose([
+        T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import run_block
+from .passes import run_block
 
 
 @dataclass

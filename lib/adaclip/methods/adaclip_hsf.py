@@ -1,4 +1,4 @@
-"""Hybrid Semantic Fusion (paper Sec. 3.3) and the map post-processing.
+"""AdaCLIP's Hybrid Semantic Fusion (paper Sec. 3.3).
 
 HSF clusters the most anomalous patch tokens and blends the mean cluster centre into the image
 feature. The reference runs unseeded sklearn k-means image by image; the default here is a seeded,
@@ -96,29 +96,3 @@ def hybrid_semantic_fusion(patch_features: list[torch.Tensor], layer_logits: lis
     h = (centres * present[..., None]).sum(1) / present.sum(1, keepdim=True)      # mean over clusters
     h = F.normalize(h, dim=-1)
     return (h, top, labels) if return_clusters else h
-
-
-def gaussian_blur(maps: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:
-    """(B, H, W) -> (B, H, W); equals scipy.ndimage.gaussian_filter(mode='reflect') per image."""
-    if sigma <= 0:
-        return maps
-    radius = int(truncate * sigma + 0.5)
-    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
-    kernel = (kernel / kernel.sum()).to(maps.dtype).to(maps.device)
-    x = maps[:, None]                                                             # (B, 1, H, W)
-    for dim in (2, 3):
-        x = _symmetric_pad(x, radius, dim)
-        w = kernel.view(1, 1, -1, 1) if dim == 2 else kernel.view(1, 1, 1, -1)
-        x = F.conv2d(x, w)
-    return x[:, 0]
-
-
-def _symmetric_pad(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:
-    """scipy's 'reflect' (d c b a | a b c d | d c b a), for any pad width."""
-    n = x.shape[dim]
-    i = torch.arange(-r, n + r, device=x.device) % (2 * n)
-    i = torch.where(i >= n, 2 * n - 1 - i, i)
-    return x.index_select(dim, i)
-
-
