@@ -2,8 +2,9 @@
 hooks the methods need (`passes.py`), and the exact packed text pass (`text_packing.py`)."""
 from .clip import (WEIGHTS_ENV, WeightsUnavailableError, build_clip, build_transform, config_quick_gelu,
                    default_out_layers, normalization, patch_size, weights_quick_gelu)
-from .passes import embed_image, encode_image, encode_text, pool, run_block
+from .passes import (embed_image, encode_image, encode_text, pool, run_block, run_block_with_attention,
+                     side_attention)
 
 __all__ = ["WEIGHTS_ENV", "WeightsUnavailableError", "build_clip", "build_transform", "config_quick_gelu",
            "default_out_layers", "normalization", "patch_size", "weights_quick_gelu", "embed_image", "encode_image",
-           "encode_text", "pool", "run_block"]
+           "encode_text", "pool", "run_block", "run_block_with_attention", "side_attention"]

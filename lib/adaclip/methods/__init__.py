@@ -17,15 +17,17 @@ import dataclasses
 
 from ..config import BackboneCfg, TrainCfg
 from .adaclip import AdaCLIP, AdaCLIPConfig, FusionCfg, PromptCfg
+from .anomalyclip import AnomalyCLIP, AnomalyCLIPConfig
 from .aprilgan import APRILGAN, APRILGANConfig
 from .base import Method, MethodOutput, Targets
 from .checkpoint import CheckpointError, load
 from .clip import CLIPBaseline, CLIPConfig
+from .crane import Crane, CraneConfig
 from .linear import LinearBaseline, LinearConfig
 from .winclip import WinCLIP, WinCLIPConfig
 
-REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (AdaCLIP, APRILGAN, CLIPBaseline, LinearBaseline,
-                                                                WinCLIP)}
+REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (AdaCLIP, AnomalyCLIP, APRILGAN, CLIPBaseline, Crane,
+                                                                LinearBaseline, WinCLIP)}
 # notebook parameters that are fields of every method's backbone
 BACKBONE_PARAMS = {"backbone": "name", "pretrained": "pretrained", "image_size": "image_size", "quick_gelu": "quick_gelu"}
 # notebook parameters of one method's own config (dotted paths)
@@ -113,4 +115,4 @@ def train_config(name: str, **overrides) -> TrainCfg:
 __all__ = ["available", "get", "config", "create", "load", "from_official", "config_from_params", "train_config",
            "Method", "MethodOutput", "Targets", "CheckpointError", "REGISTRY", "AdaCLIP", "AdaCLIPConfig", "PromptCfg",
            "FusionCfg", "APRILGAN", "APRILGANConfig", "CLIPBaseline", "CLIPConfig", "LinearBaseline", "LinearConfig",
-           "WinCLIP", "WinCLIPConfig"]
+           "WinCLIP", "WinCLIPConfig", "AnomalyCLIP", "AnomalyCLIPConfig", "Crane", "CraneConfig"]
