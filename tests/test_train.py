@@ -95,7 +95,8 @@ def test_run_folder_contents(synthetic, tmp_path):
     root, train_df, _ = synthetic
     train(cfg64(), TrainCfg(epochs=2, batch_size=4), small(train_df), root, tmp_path, progress=False)
     log = load_log(tmp_path)
-    assert list(log.columns) == ["epoch", "step", "loss", "image_focal", "segmentation", "lr"]
+    assert list(log.columns) == ["epoch", "stage", "step", "loss", "image_focal", "segmentation", "lr"]
+    assert (log.stage == "train").all()
     assert log.step.tolist() == [1, 2, 3, 4] and (log.lr == 0.01).all()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch_001.pt", "epoch_002.pt", "last.pt"]
     config = json.loads((tmp_path / "config.json").read_text())

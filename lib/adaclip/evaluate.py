@@ -79,8 +79,8 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
               for key in dict.fromkeys((d, c) for d, c, m in zip(df.dataset, df.category, dataset.has_mask) if m)}
     cflow = {key: CflowAupro(fpr_limit=cfg.aupro_fpr_limit) for key in pixels} if cfg.aupro_cflow else {}
     scores = np.zeros(len(df), np.float64)
-    # a transductive image score (a reference's faithful option) needs every test image of a category
-    transductive = memory is not None and model.transductive
+    # a transductive image score (a reference's faithful option: APRIL-GAN's few-shot, AA-CLIP's) needs
+    # every test image of a category: the parts it needs are collected, the scores finalised per category
     parts = None
     maps_dir = Path(run_dir) / "maps" if (run_dir and cfg.save_maps) else None
 
@@ -95,7 +95,7 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
             maps = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
             masks = F.interpolate(masks[:, None], size=size, mode="nearest")[:, 0]
         maps, masks = maps.clamp(0, 1).cpu().numpy(), masks.numpy()
-        if transductive:
+        if model.transductive and out.score_parts is not None:
             if parts is None:
                 parts = np.zeros((len(df), out.score_parts.shape[1]), np.float64)
             parts[batch["index"].numpy()] = out.score_parts.double().cpu().numpy()
@@ -112,6 +112,7 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
                         np.savez_compressed(f, map=maps[j].astype(np.float16), image=df.at[i, "image"])
     model.train(was_training)
     scores = distributed.sum_array(scores)               # each image was scored by exactly one rank
+    transductive = parts is not None
     if transductive:
         parts = distributed.sum_array(parts)
         for key in dict.fromkeys(zip(df.dataset, df.category)):

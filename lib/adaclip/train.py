@@ -33,7 +33,7 @@ from .methods.checkpoint import load_state, read as read_checkpoint
 from .runs import update_config, weights_note
 
 PathLike = Union[str, Path]
-LOG_FIELDS = ["epoch", "step", "loss", "image_focal", "segmentation", "lr"]
+LOG_FIELDS = ["epoch", "stage", "step", "loss", "image_focal", "segmentation", "lr"]
 
 
 def seed_everything(seed: int) -> None:
@@ -116,10 +116,17 @@ def train(model_cfg, train_cfg: Union[TrainCfg, dict], train_manifests,
         distributed.barrier()
         print(f"method {method!r} learns nothing: no training; {run_dir / 'model.pt'} holds its config")
         return model
-    optim = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[cfg.optimizer]
-    optimizer = optim(model.learnable_parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+    # the method's stages (one for most), as consecutive epochs: epoch e belongs to stages[stage_of[e]]
+    stages = model.training_stages(cfg)
+    stage_of = [i for i, st in enumerate(stages) for _ in range(st.epochs)]
+    total = len(stage_of)
+    what_ran["stages"] = [{"name": st.name, "epochs": st.epochs, "batch_size": st.batch_size, "lr": st.lr,
+                           "betas": list(st.betas), "optimizer": st.optimizer, "milestones": list(st.milestones)}
+                          for st in stages]
+    optimizer = scheduler = None
     start_epoch, step, best = 0, 0, {"score": -float("inf"), "epoch": None, "scores": {}}
     log_path = run_dir / "train_log.csv"
+    resumed_optimizer = None
 
     last = ckpt_dir / "last.pt"
     if resume and last.is_file():
@@ -134,8 +141,9 @@ def train(model_cfg, train_cfg: Union[TrainCfg, dict], train_manifests,
                              f"and train config {state['train_config']}, not {model_cfg.to_dict()} and "
                              f"{cfg.to_dict()}; use another run_dir or resume=False")
         load_state(model, state["learnable"], last)
-        optimizer.load_state_dict(state["optimizer"])
         start_epoch, step, best = state["epoch"], state["step"], state["best"]
+        if start_epoch < total and stage_of[start_epoch] == stage_of[start_epoch - 1]:   # mid-stage: its optimiser
+            resumed_optimizer = state
         if log_path.is_file():                       # drop the steps of the epoch that was cut off
             log = pd.read_csv(log_path)
             log = log[log.epoch <= start_epoch]
@@ -159,13 +167,18 @@ def train(model_cfg, train_cfg: Union[TrainCfg, dict], train_manifests,
         writer = csv.DictWriter(log_file, fieldnames=LOG_FIELDS) if main else None
         if main and new_log:
             writer.writeheader()
-        for epoch in range(start_epoch, cfg.epochs):
+        for epoch in range(start_epoch, total):
+            stage = stages[stage_of[epoch]]
+            if optimizer is None or stage_of[epoch] != stage_of[epoch - 1]:
+                optimizer, scheduler = _optimizer(stage, resumed_optimizer)
+                resumed_optimizer = None
             # every random draw of this epoch depends only on (seed, epoch): resumable
             seed_everything(cfg.seed + epoch)
             dataset.rng.seed(cfg.seed + epoch)
-            loader = _loader(dataset, cfg, epoch)
+            loader = _loader(dataset, cfg, epoch, stage.batch_size)
             net.train()
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress or not main)
+            name = f"{stage.name} " if len(stages) > 1 else ""
+            bar = tqdm(loader, desc=f"{name}epoch {epoch + 1}/{total}", disable=not progress or not main)
             running = []
             for batch in bar:
                 if max_steps is not None and step >= max_steps:
@@ -174,18 +187,21 @@ def train(model_cfg, train_cfg: Union[TrainCfg, dict], train_manifests,
                 labels, has_mask = batch["label"].to(device), batch["has_mask"].to(device)
                 with autocast(device, cfg.amp):
                     # each method's own loss; images without pixel ground truth add no segmentation loss
-                    out = net(images, list(batch["class_name"]), targets=Targets(labels, masks, has_mask, cfg.dice))
+                    targets = Targets(labels, masks, has_mask, cfg.dice, stage.name)
+                    out = net(images, list(batch["class_name"]), targets=targets)
                 loss, parts = out.loss, out.loss_parts
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
                 step += 1
                 logged = [loss.item(), *parts.values()]
                 if distributed.active():                     # the log shows the mean over the ranks
                     logged = list(distributed.sum_array(np.array(logged)) / distributed.world_size())
                 running.append(logged[0])
                 if main:
-                    writer.writerow({"epoch": epoch + 1, "step": step, "loss": logged[0],
+                    writer.writerow({"epoch": epoch + 1, "stage": stage.name, "step": step, "loss": logged[0],
                                      **dict(zip(parts, logged[1:])), "lr": optimizer.param_groups[0]["lr"]})
                     log_file.flush()
                 bar.set_postfix(loss=f"{np.mean(running[-20:]):.4f}")
@@ -204,11 +220,12 @@ def train(model_cfg, train_cfg: Union[TrainCfg, dict], train_manifests,
                     torch.save({"epoch": epoch + 1, "step": step, "best": best, "method": method,
                                 "model_config": model_cfg.to_dict(),
                                 "train_config": _jsonable(cfg.to_dict()), "learnable": model.learnable_state_dict(),
-                                "optimizer": optimizer.state_dict()}, tmp)
+                                "optimizer": optimizer.state_dict(),
+                                "scheduler": scheduler.state_dict() if scheduler is not None else None}, tmp)
     distributed.barrier()                          # every checkpoint is written before any rank reads one
 
-    chosen = cfg.epochs if best["epoch"] is None else best["epoch"]
-    if chosen != cfg.epochs:
+    chosen = total if best["epoch"] is None else best["epoch"]
+    if chosen != total:
         load_state(model, read_checkpoint(ckpt_dir / f"epoch_{chosen:03d}.pt", device)["state_dict"], chosen)
     if main:
         model.save(run_dir / "model.pt", epoch=chosen, selection=cfg.selection)
@@ -219,14 +236,27 @@ def train(model_cfg, train_cfg: Union[TrainCfg, dict], train_manifests,
     return model
 
 
-def _loader(dataset, cfg: TrainCfg, epoch: int) -> DataLoader:
+def _loader(dataset, cfg: TrainCfg, epoch: int, batch_size: int) -> DataLoader:
     """This epoch's batches: shuffled from (seed, epoch); under torchrun each rank a disjoint shard."""
     if distributed.active():
         sampler = DistributedSampler(dataset, shuffle=True, seed=cfg.seed)
         sampler.set_epoch(epoch)
-        return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers)
-    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.num_workers,
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=cfg.num_workers)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=cfg.num_workers,
                       generator=torch.Generator().manual_seed(cfg.seed + epoch))
+
+
+def _optimizer(stage, resumed: Optional[dict] = None):
+    """The stage's optimiser (and its per-iteration MultiStepLR), with a resumed run's states."""
+    optim = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[stage.optimizer]
+    optimizer = optim(stage.parameters, lr=stage.lr, betas=tuple(stage.betas))
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(stage.milestones), stage.gamma) \
+        if stage.milestones else None
+    if resumed is not None:
+        optimizer.load_state_dict(resumed["optimizer"])
+        if scheduler is not None and resumed.get("scheduler"):
+            scheduler.load_state_dict(resumed["scheduler"])
+    return optimizer, scheduler
 
 
 def _jsonable(d: dict) -> dict:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..config import BackboneCfg, TrainCfg
+from .aaclip import AACLIP, AACLIPConfig
 from .adaclip import AdaCLIP, AdaCLIPConfig, FusionCfg, PromptCfg
 from .anomalyclip import AnomalyCLIP, AnomalyCLIPConfig
 from .aprilgan import APRILGAN, APRILGANConfig
@@ -26,8 +27,8 @@ from .crane import Crane, CraneConfig
 from .linear import LinearBaseline, LinearConfig
 from .winclip import WinCLIP, WinCLIPConfig
 
-REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (AdaCLIP, AnomalyCLIP, APRILGAN, CLIPBaseline, Crane,
-                                                                LinearBaseline, WinCLIP)}
+REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (AACLIP, AdaCLIP, AnomalyCLIP, APRILGAN, CLIPBaseline,
+                                                                Crane, LinearBaseline, WinCLIP)}
 # notebook parameters that are fields of every method's backbone
 BACKBONE_PARAMS = {"backbone": "name", "pretrained": "pretrained", "image_size": "image_size", "quick_gelu": "quick_gelu"}
 # notebook parameters of one method's own config (dotted paths)
@@ -115,4 +116,4 @@ def train_config(name: str, **overrides) -> TrainCfg:
 __all__ = ["available", "get", "config", "create", "load", "from_official", "config_from_params", "train_config",
            "Method", "MethodOutput", "Targets", "CheckpointError", "REGISTRY", "AdaCLIP", "AdaCLIPConfig", "PromptCfg",
            "FusionCfg", "APRILGAN", "APRILGANConfig", "CLIPBaseline", "CLIPConfig", "LinearBaseline", "LinearConfig",
-           "WinCLIP", "WinCLIPConfig", "AnomalyCLIP", "AnomalyCLIPConfig", "Crane", "CraneConfig"]
+           "WinCLIP", "WinCLIPConfig", "AnomalyCLIP", "AnomalyCLIPConfig", "Crane", "CraneConfig", "AACLIP", "AACLIPConfig"]

@@ -45,11 +45,27 @@ class MethodOutput:
 @dataclass
 class Targets:
     """What a training batch knows: image labels (B,), masks (B, S, S) in {0, 1}, which images have
-    pixel ground truth (B,) bool, and the Dice variant (`TrainCfg.dice`)."""
+    pixel ground truth (B,) bool, the Dice variant (`TrainCfg.dice`) and the training stage."""
     labels: torch.Tensor
     masks: torch.Tensor
     has_mask: torch.Tensor
     dice: str = "per_image"
+    stage: str = "train"
+
+
+@dataclass
+class Stage:
+    """One stage of a method's training (most have one; AA-CLIP trains its text adapters, then its
+    image adapters): what it trains and with which recipe."""
+    name: str
+    parameters: list                 # the parameters this stage updates
+    epochs: int
+    batch_size: int
+    lr: float
+    betas: tuple
+    optimizer: str = "adam"          # "adam" or "adamw"
+    milestones: tuple = ()           # MultiStepLR milestones, in iterations
+    gamma: float = 0.5
 
 
 class Method(nn.Module):
@@ -138,6 +154,12 @@ class Method(nn.Module):
         """A release file of the reference in the setting it was trained in (`official_config`);
         ``overrides``: config sections as dicts, e.g. ``backbone={"pretrained": "/path/weights.pt"}``."""
         return cls(cls.official_config(**overrides)).load_official_checkpoint(path)
+
+    def training_stages(self, cfg) -> list[Stage]:
+        """The stages `train` runs, in order; by default one: every learnable parameter with ``cfg``'s
+        (`TrainCfg`) recipe."""
+        return [Stage("train", self.learnable_parameters(), cfg.epochs, cfg.batch_size, cfg.lr, tuple(cfg.betas),
+                      cfg.optimizer)]
 
     @property
     def text_depends_on_image(self) -> bool:
