@@ -17,13 +17,14 @@ TINY = dict(backbone=dict(name="adaclip-tiny", pretrained=None, image_size=32), 
 def test_defaults_are_the_references():
     a, c = methods.config("anomalyclip"), methods.config("crane")
     assert (a.backbone.name, a.backbone.image_size, a.backbone.pos_embed_interp) == ("ViT-L-14-336", 518, "bilinear")
-    assert (a.n_ctx, a.deep_length, a.deep_depth, a.layers, a.global_ln_post, a.seg_weight) == (12, 4, 9, (24,), False, 4.0)
+    assert (a.n_ctx, a.deep_length, a.global_ln_post, a.seg_weight) == (12, 4, False, 4.0)
     assert (c.global_ln_post, c.seg_weight, c.image_temperature, c.context_token_at_test) == (True, 8.0, 0.01, False)
     assert methods.AnomalyCLIP.default_quick_gelu(a) and methods.Crane.default_quick_gelu(c)     # QuickGELU
     assert (methods.train_config("anomalyclip").epochs, methods.train_config("crane").betas) == (15, (0.6, 0.999))
     with torch.device("meta"):
         m = methods.AnomalyCLIP(methods.config("anomalyclip", pretrained=None), device="meta")
     assert sum(p.numel() for p in m.learnable_parameters()) == 43_008                      # 2·12·768 + 8·4·768
+    assert (m.cfg.layers, m.cfg.side_from, m.cfg.deep_depth) == ((24,), 6, 9)               # ViT-L-14's, recorded
 
 
 def test_crane_released_prompts_load_and_produce_maps(tmp_path):

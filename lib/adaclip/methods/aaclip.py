@@ -85,11 +85,12 @@ BLUR = {"industrial": (7, 1.0), "medical": (9, 1.5)}           # kernel, sigma o
 class AACLIPConfig(ConfigBase):
     backbone: BackboneCfg = field(default_factory=lambda: BackboneCfg(pos_embed_interp="bicubic_antialias"))
     levels: Optional[Tuple[int, ...]] = None   # tapped layers; None: quarter depths (6, 12, 18, 24)
-    text_adapt_until: int = 3
-    image_adapt_until: int = 6
+    # None below: the reference's choice for ViT-L-14 scaled to the backbone, fixed when the model is built
+    text_adapt_until: Optional[int] = None     # adapters after text blocks 1..3 (of 12)
+    image_adapt_until: Optional[int] = None    # adapters after vision blocks 1..6 (of 24: a quarter)
     adapt_weight: float = 0.1                  # x <- w · adapted + (1 - w) · x
     seg_relu: bool = False                     # LeakyReLU after the vision projections (the scripts: off)
-    surgery_from: int = 6                      # the stage-1 teacher's V-V attention from this layer on
+    surgery_from: Optional[int] = None         # the stage-1 teacher's V-V attention from this layer on (6 of 24)
     class_names: str = "readable"              # "readable" or "aaclip_real_names" (the reference's descriptions)
     domain: str = "industrial"                 # "industrial" or "medical": the blur and the image score
     image_score: str = "fixed"                 # "fixed" (per image) or "aaclip_minmax_fusion" (transductive)
@@ -150,6 +151,9 @@ class AACLIP(Method):
         super().__init__(cfg if cfg is not None else AACLIPConfig(), clip, device)
         cfg, visual = self.cfg, self.clip.visual
         n_vis, n_txt = len(visual.transformer.resblocks), len(self.clip.transformer.resblocks)
+        cfg.text_adapt_until = cfg.text_adapt_until or min(3, n_txt)          # recorded: 3 / 6 / 6 for ViT-L-14
+        cfg.image_adapt_until = cfg.image_adapt_until or max(1, n_vis // 4)
+        cfg.surgery_from = cfg.surgery_from or max(1, n_vis // 4)
         if cfg.text_adapt_until > n_txt or cfg.image_adapt_until > n_vis:
             raise ValueError(f"adapters after text blocks 1..{cfg.text_adapt_until} and vision blocks "
                              f"1..{cfg.image_adapt_until} do not fit {cfg.backbone.name} ({n_txt} text, {n_vis} vision blocks)")

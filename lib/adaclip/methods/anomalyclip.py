@@ -52,9 +52,10 @@ class AnomalyCLIPConfig(ConfigBase):
     backbone: BackboneCfg = field(default_factory=lambda: BackboneCfg(pos_embed_interp="bilinear"))
     n_ctx: int = 12                       # learned context vectors per sentence
     deep_length: int = 4                  # deep text prompt tokens
-    deep_depth: int = 9                   # deep prompts before text blocks 1..depth-1
-    side_from: int = 6                    # the side path runs beside layers side_from..last
-    layers: Tuple[int, ...] = (24,)       # side-path layers the map uses (the released prompts: 24 only)
+    # None below: the reference's choice for ViT-L-14 scaled to the backbone, fixed when the model is built
+    deep_depth: Optional[int] = None      # deep prompts before text blocks 1..depth-1 (9 of 12 text blocks)
+    side_from: Optional[int] = None       # the side path beside layers side_from..last (6 of 24: a quarter)
+    layers: Optional[Tuple[int, ...]] = None  # side-path layers the map uses (the last: 24; released prompts)
     alias_layers: bool = False            # the historical bug: every listed layer reads the last one
     global_ln_post: bool = False          # False: the image feature skips ln_post, as the reference
     temperature: float = 0.07
@@ -63,9 +64,10 @@ class AnomalyCLIPConfig(ConfigBase):
     round_prompts_fp16: bool = False      # the reference casts its deep prompts with .half()
 
     def __post_init__(self):
-        self.layers = tuple(int(k) for k in self.layers)
-        if not self.layers:
-            raise ValueError("AnomalyCLIP needs at least one side-path layer")
+        if self.layers is not None:
+            self.layers = tuple(int(k) for k in self.layers)
+            if not self.layers:
+                raise ValueError("AnomalyCLIP needs at least one side-path layer")
 
 
 class AnomalyCLIP(Method):
@@ -82,6 +84,10 @@ class AnomalyCLIP(Method):
         super().__init__(cfg if cfg is not None else self.config_class(), clip, device)
         cfg = self.cfg
         n_vis, n_txt = len(self.clip.visual.transformer.resblocks), len(self.clip.transformer.resblocks)
+        # resolved here, so that every config written records them: 24 / 6 / 9 for ViT-L-14
+        cfg.layers = cfg.layers or (n_vis,)
+        cfg.side_from = cfg.side_from or max(1, n_vis // 4)
+        cfg.deep_depth = cfg.deep_depth or min(9, n_txt)
         if not all(cfg.side_from <= k <= n_vis for k in cfg.layers):
             raise ValueError(f"layers {cfg.layers} must lie in {cfg.side_from}..{n_vis} (the side path)")
         if cfg.deep_depth > n_txt:
