@@ -101,7 +101,7 @@ def test_every_method_side_by_side_on_the_sample(tmp_path):
     from adaclip import methods
 
     table = run_sweep(NOTEBOOK_DIR / "params" / "methods_tiny.yaml", "methods", results_dir=tmp_path)
-    ids = [f"method={m}" for m in ("adaclip", "aprilgan", "winclip", "clip", "linear")]
+    ids = [f"method={m}" for m in ("adaclip", "aprilgan", "winclip", "anomalyclip", "crane", "aaclip", "clip", "linear")]
     assert list(dict.fromkeys(table.config_id)) == ids and (table.status == "done").all()
     assert set(methods.available()) <= {i.split("=")[1] for i in ids}
     for i in ids:
@@ -109,10 +109,12 @@ def test_every_method_side_by_side_on_the_sample(tmp_path):
         assert config["method"] == i.split("=")[1] and config["backbone_weights"] == "random"
     logs = {i: pd.read_csv(tmp_path / "methods" / i / "train_log.csv") for i in ids}
     assert len(logs["method=aprilgan"]) and len(logs["method=adaclip"]) and not len(logs["method=winclip"])
+    assert list(dict.fromkeys(logs["method=aaclip"].stage)) == ["text", "image"]          # its two stages
     run_pipeline("methods", params={"sweep": "methods"}, notebooks_to_run=["03"], results_dir=tmp_path)
     repro = pd.read_csv(tmp_path / "methods" / "tables" / "reproduction.csv")
     beside = repro.dropna(subset=["published"]).groupby("run").published_method.unique()
     assert set(beside["methods/method=aprilgan"]) == {"APRIL-GAN"} and set(beside["methods/method=winclip"]) == {"WinCLIP"}
+    assert set(beside["methods/method=anomalyclip"]) == {"AnomalyCLIP"} and set(beside["methods/method=crane"]) == {"Crane"}
     assert set(beside["methods/method=adaclip"]) == {"AdaCLIP"}
     alone = repro[repro.published.isna()].set_index("run").note
     assert "no published numbers for method 'clip'" in alone["methods/method=clip"]
