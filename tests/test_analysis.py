@@ -69,6 +69,14 @@ def test_best_value_is_bold_in_every_format(tmp_path):
     overall = analysis.config_table(runs.metrics, metrics_shown=["image_auroc", "pixel_auroc"])
     assert overall.index.tolist() == ["a", "b"] and overall.loc["b", "image_auroc"] == pytest.approx(62.5)
     assert analysis.best_cells(overall).values.tolist() == [[True, True], [False, False]]
+    # the narrow layout (a row per dataset and metric, a column per run): the best of each row
+    long = analysis.long_table(table)
+    assert long.index.tolist() == [("visa", "I-AUROC"), ("visa", "P-AUROC"), ("headct", "I-AUROC"),
+                                   ("mean", "I-AUROC"), ("mean", "P-AUROC")]                 # headct has no P-AUROC
+    assert long.columns.tolist() == ["a", "b"] and long.loc[("visa", "I-AUROC"), "b"] == pytest.approx(75.0)
+    assert analysis.best_cells(long, by="row").loc[("visa", "P-AUROC")].tolist() == [True, False]
+    md = analysis.to_markdown(long, by="row").splitlines()
+    assert [c.strip() for c in md[0].split("|")[1:3]] == ["dataset", "metric"] and "| **75.0** |" in md[2]
 
 
 def test_published_numbers_ship_with_the_package():

@@ -99,12 +99,15 @@ def test_export_of_a_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert "none.pt does not exist" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("method", ["aprilgan", "winclip", "clip"])
+@pytest.mark.parametrize("method", ["aprilgan", "winclip", "anomalyclip", "crane", "aaclip", "clip", "crane+context"])
 def test_every_method_exports_and_matches_pytorch(tmp_path, method):
     """The other methods' graphs too: APRIL-GAN's heads and summed maps, WinCLIP's packed window pass
-    and harmonic aggregation, the clip baseline; text features are constants in each."""
+    and harmonic aggregation, the V-V and E-Attn side paths, the adapters, the clip baseline; text
+    features are constants in each, except Crane's with its image token at test (in the graph)."""
     torch.manual_seed(0)
-    model = methods.create(method, backbone=dict(name="adaclip-tiny", pretrained=None, image_size=32)).eval()
+    extra = {"context_token_at_test": True} if method == "crane+context" else {}
+    method = method.split("+")[0]
+    model = methods.create(method, backbone=dict(name="adaclip-tiny", pretrained=None, image_size=32), **extra).eval()
     with torch.no_grad():
         for p in model.learnable_parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -114,7 +117,7 @@ def test_every_method_exports_and_matches_pytorch(tmp_path, method):
                      str(out), "--batch-size", "2"]) == 0
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     meta = session.get_modelmeta().custom_metadata_map
-    assert meta["method"] == method and "precomputed constants" in meta["text"]
+    assert meta["method"] == method and ("computed in the graph" if extra else "precomputed constants") in meta["text"]
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     scores, maps = session.run(None, {"images": images.numpy()})
     with torch.no_grad():

@@ -1,6 +1,7 @@
 """Notebooks: committed clean, parameters papermill can read, and the whole pipeline runs headless."""
 import ast
 import json
+import re
 
 import nbformat
 import pandas as pd
@@ -90,6 +91,7 @@ def test_pipeline_runs_headless(tmp_path, capfd):
             "03_scores_clip.pdf", "03_curves_visa.png", "03_qualitative.png", "04_explore.png",
             "04_explore_layers.png", "04_explore_smoothing.png", "04_explore_hsf.pdf"} <= figures
     summary = (run / "summary.md").read_text()
+    assert re.search(r"\|\s+mean\s+\|\s+I-AUROC\s+\|", summary)           # the narrow metrics table
     assert all(f"I-AUROC {m}" in summary for m in ("adaclip", "aprilgan", "winclip", "clip"))
     assert "random backbone weights" in summary and "APRIL-GAN · " in summary and "WinCLIP · " in summary
     assert "](figures/03_curves_visa.png)" in summary and "open_clip_torch" in summary

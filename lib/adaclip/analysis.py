@@ -276,6 +276,17 @@ def source_paper(source: str) -> str:
     return re.split(r"\s+Table\b", plain)[0].strip()
 
 
+def long_table(table: pd.DataFrame) -> pd.DataFrame:
+    """A `paper_table` with a row per dataset and metric and a column per run: as narrow as the number
+    of runs, for a screen or summary.md (the written tables keep the paper layout); best per row."""
+    long = table.stack(level=0, future_stack=True)
+    metrics = list(dict.fromkeys(table.columns.get_level_values(0)))
+    long = long.reindex(pd.MultiIndex.from_product([list(table.index), metrics], names=["dataset", "metric"]))
+    long = long.dropna(how="all")
+    long.index = long.index.set_levels([METRIC_NAMES.get(m, m) for m in long.index.levels[1]], level=1)
+    return long[list(dict.fromkeys(table.columns.get_level_values(1)))]
+
+
 def config_table(metrics: pd.DataFrame, rows: str = "run", metrics_shown: Sequence[str] = METRIC_KEYS,
                  percent: bool = True) -> pd.DataFrame:
     """Rows = runs or configurations, columns = metrics (unweighted mean over the datasets): the
@@ -285,11 +296,15 @@ def config_table(metrics: pd.DataFrame, rows: str = "run", metrics_shown: Sequen
     return table * 100 if percent else table
 
 
-def best_cells(table: pd.DataFrame) -> pd.DataFrame:
+def best_cells(table: pd.DataFrame, by: str = "auto") -> pd.DataFrame:
     """True where a value is the best of its row within its metric (the runs compared side by side);
-    for a single-level table, the best of each column (e.g. configurations as rows)."""
+    for a single-level table, the best of each column (e.g. configurations as rows); ``by="row"``: the
+    best of each row (`long_table`: a dataset and metric per row, the runs as columns)."""
     values = table.astype(float)
-    if isinstance(table.columns, pd.MultiIndex):
+    if by == "row":
+        best = pd.DataFrame(np.broadcast_to(values.max(axis=1).values[:, None], values.shape), index=values.index,
+                            columns=values.columns)
+    elif isinstance(table.columns, pd.MultiIndex):
         best = values.T.groupby(level=0, sort=False).transform("max").T
     else:
         best = pd.DataFrame(np.broadcast_to(values.max(axis=0).values, values.shape), index=values.index,
@@ -303,9 +318,9 @@ def _flat_columns(table: pd.DataFrame) -> list[str]:
     return [METRIC_NAMES.get(c, str(c)) for c in table.columns]
 
 
-def to_markdown(table: pd.DataFrame, digits: int = 1) -> str:
-    """Markdown with the best values in bold and undefined ones as —."""
-    bold = best_cells(table)
+def to_markdown(table: pd.DataFrame, digits: int = 1, by: str = "auto") -> str:
+    """Markdown with the best values in bold (`best_cells`) and undefined ones as —."""
+    bold = best_cells(table, by)
     cells = table.copy().astype(object)
     for c in range(table.shape[1]):
         for r in range(table.shape[0]):
@@ -313,12 +328,14 @@ def to_markdown(table: pd.DataFrame, digits: int = 1) -> str:
             text = UNDEFINED if pd.isna(v) else f"{v:.{digits}f}"
             cells.iat[r, c] = f"**{text}**" if not pd.isna(v) and bold.iat[r, c] else text
     cells.columns = _flat_columns(table)
+    if isinstance(cells.index, pd.MultiIndex):     # one column per level, not tuples
+        return cells.reset_index().to_markdown(index=False, disable_numparse=True, stralign="right")
     return cells.to_markdown(disable_numparse=True, stralign="right")
 
 
-def styled(table: pd.DataFrame, digits: int = 1):
+def styled(table: pd.DataFrame, digits: int = 1, by: str = "auto"):
     """The table as a notebook shows it: best values in bold, undefined ones as —, as in the Markdown."""
-    bold = best_cells(table)
+    bold = best_cells(table, by)
     return table.style.format(precision=digits, na_rep=UNDEFINED).apply(
         lambda _: np.where(bold, "font-weight: bold;", ""), axis=None)
 

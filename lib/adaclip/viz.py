@@ -94,14 +94,21 @@ def counts_plot(counts: pd.DataFrame) -> Figure:
     return fig
 
 
-def loss_curve(log: pd.DataFrame) -> Figure:
-    """Per-step training loss with a running mean (a few steps: every step marked), epochs marked."""
+def loss_curve(log: pd.DataFrame, title: str = "") -> Figure:
+    """Per-step training loss with a running mean (a few steps: every step marked), epochs marked; a
+    method trained in stages (AA-CLIP) gets one colour per stage, since their losses differ."""
     fig, ax = plt.subplots(figsize=(6, 3))
-    window = len(log) // 20
-    few = window < 2                                   # too few steps for a running mean: show each one
-    ax.plot(log["step"], log["loss"], alpha=1.0 if few else 0.35, marker="o" if few else None, ms=3, label="loss")
-    if not few:
-        ax.plot(log["step"], log["loss"].rolling(window, min_periods=1).mean(), label=f"running mean ({window})")
+    stages = list(dict.fromkeys(log["stage"])) if "stage" in log and len(log) else [None]
+    for stage in stages:
+        part = log if stage is None else log[log["stage"] == stage]
+        label = "loss" if len(stages) == 1 else f"{stage} stage"
+        window = len(part) // 20
+        few = window < 2                               # too few steps for a running mean: show each one
+        line, = ax.plot(part["step"], part["loss"], alpha=1.0 if few else 0.35, marker="o" if few else None, ms=3,
+                        label=label)
+        if not few:
+            ax.plot(part["step"], part["loss"].rolling(window, min_periods=1).mean(), color=line.get_color(),
+                    label=f"{label}, running mean ({window})")
     for step in log.groupby("epoch")["step"].max().iloc[:-1]:
         ax.axvline(step, color="grey", lw=0.5, ls="--")
     ax.set_xlabel("step")
@@ -111,6 +118,8 @@ def loss_curve(log: pd.DataFrame) -> Figure:
     else:
         ax.text(0.5, 0.5, "no training steps (training-free method)", ha="center", va="center",
                 transform=ax.transAxes, color="grey")
+    if title:
+        ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return fig
 

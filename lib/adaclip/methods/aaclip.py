@@ -17,7 +17,11 @@ ANOMALYCLIP_CRANE_AACLIP_SPEC.md section 3, followed here:
   normalise(ln_post(patches) @ proj) + normalise(CLIP's class feature), not renormalised), loss focal +
   Dice x 2 per layer + 0.1 x (mean <t_normal, t_abnormal>)²; the reference overwrites the loss in its layer
   loop so only layer 24 trains it (``stage1_last_layer_only=True``), the sum over the four layers is the
-  default; Adam lr 1e-5, batch 16, 5 epochs (a quarter of the image stage's epochs); then **image**
+  default; the reference's V-V module reads its sequence-first (L, B, C) stream as (B, N, C), so its
+  softmax runs over the *images of the batch* at each token position (CLIP Surgery, which it copies,
+  transposes first): ours attends over an image's tokens, ``teacher_vv_axis="batch"`` is the literal
+  code (the published numbers were trained that way; no weights were released); Adam lr 1e-5, batch 16,
+  5 epochs (a quarter of the image stage's epochs); then **image**
   adapters and projections with the text anchors fixed: CE(<det, T>, y) without temperature + Σ layers
   focal + Dice x 2, Adam lr 5e-4, batch 2, 20 epochs, MultiStepLR at iterations 16000 and 32000;
   gradients through the whole frozen tower (`TrainCfg.checkpoint_activations` saves memory);
@@ -91,6 +95,7 @@ class AACLIPConfig(ConfigBase):
     adapt_weight: float = 0.1                  # x <- w · adapted + (1 - w) · x
     seg_relu: bool = False                     # LeakyReLU after the vision projections (the scripts: off)
     surgery_from: Optional[int] = None         # the stage-1 teacher's V-V attention from this layer on (6 of 24)
+    teacher_vv_axis: str = "tokens"            # "tokens" (an image's tokens) or "batch" (the reference's literal code)
     class_names: str = "readable"              # "readable" or "aaclip_real_names" (the reference's descriptions)
     domain: str = "industrial"                 # "industrial" or "medical": the blur and the image score
     image_score: str = "fixed"                 # "fixed" (per image) or "aaclip_minmax_fusion" (transductive)
@@ -106,6 +111,8 @@ class AACLIPConfig(ConfigBase):
         if self.levels is not None:
             self.levels = tuple(int(k) for k in self.levels)
         self.milestones = tuple(int(m) for m in self.milestones)
+        if self.teacher_vv_axis not in ("tokens", "batch"):
+            raise ValueError(f"teacher_vv_axis must be 'tokens' or 'batch', got {self.teacher_vv_axis!r}")
         if self.class_names not in ("readable", "aaclip_real_names"):
             raise ValueError(f"class_names must be 'readable' or 'aaclip_real_names', got {self.class_names!r}")
         if self.domain not in BLUR:
@@ -219,9 +226,12 @@ class AACLIP(Method):
         g = F.normalize(encode_image(visual, images, ())[0], dim=-1)                  # plain CLIP, (B, D)
         x = visual.ln_pre(visual.patch_dropout(embed_image(visual, images)))
         taps = []
+        across_batch = self.cfg.teacher_vv_axis == "batch"
         for i, block in enumerate(visual.transformer.resblocks):
             if i + 1 >= self.cfg.surgery_from:                                       # in-stream V-V, MLP kept
-                x = run_block_with_attention(block, x, lambda h, b=block: side_attention(b, h, ("vv",)))
+                x = run_block_with_attention(block, x, lambda h, b=block: (
+                    side_attention(b, h.transpose(0, 1), ("vv",)).transpose(0, 1) if across_batch
+                    else side_attention(b, h, ("vv",))))
             else:
                 x = run_block(block, x)
             if i + 1 in self.levels:

@@ -25,7 +25,7 @@ computes, quirk by quirk, is ANOMALYCLIP_CRANE_AACLIP_SPEC.md section 2, followe
 Crane+ (DINOv2-guided D-Attn) is not built here: its DINOv2 weights cannot be obtained offline.
 Release files: ``checkpoints/trained_on_{mvtec,visa}_{crane,cranep}/epoch_N.pth`` (``{"prompt_learner":
 ...}`` with CUDA tensors: loaded onto the CPU), read by AnomalyCLIP's loader; a copy of
-``trained_on_visa_crane/epoch_5.pth`` is a test fixture (``tests/fixtures/crane/``, with its licence).
+``trained_on_mvtec_crane/epoch_5.pth`` is a test fixture (``tests/fixtures/crane/``, with its licence).
 """
 from __future__ import annotations
 
@@ -82,6 +82,10 @@ class Crane(AnomalyCLIP):
         ids = tokens.expand(B, -1, -1)
         ids = torch.cat([ids[..., :at], torch.zeros_like(ids[..., :1]), ids[..., at:-1]], dim=-1)
         return emb, ids
+
+    @property
+    def text_depends_on_image(self) -> bool:
+        return self.cfg.context_token_at_test
 
     def forward_text(self, feature: torch.Tensor, targets: Optional[Targets]) -> torch.Tensor:
         """Per image (the context token) in training, or at test with ``context_token_at_test``."""
