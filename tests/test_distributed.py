@@ -201,7 +201,7 @@ def test_each_epoch_shuffles_the_shards_anew(tmp_path):
               "from adaclip.train import _loader\n"
               "assert distributed.init_from_env() and distributed.active()\n"
               "cfg = TrainCfg(batch_size=2, seed=7)\n"
-              "orders = [[i for batch in _loader(list(range(16)), cfg, epoch) for i in batch.tolist()]\n"
+              "orders = [[i for batch in _loader(list(range(16)), cfg, epoch, cfg.batch_size) for i in batch.tolist()]\n"
               "          for epoch in range(4)]\n"
               f"with open(os.path.join({str(tmp_path)!r}, f'rank{{distributed.rank()}}.json'), 'w') as f:\n"
               "    json.dump(orders, f)\n")
