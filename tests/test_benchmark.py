@@ -30,3 +30,20 @@ def test_benchmark_of_each_method(capsys):
     rows = dict(run(batch_size=2, repeats=1, memory=False, method="aprilgan",
                     cfg=methods.config("aprilgan", backbone=dict(name="adaclip-tiny", pretrained=None, image_size=32))))
     assert "training step, batch 2" in rows and rows["config"].startswith("aprilgan:")
+
+
+def test_pipeline_benchmark_prints_each_rate(capsys):
+    """`adaclip benchmark --pipeline`: the input path, the metric path, the model forward and the whole
+    evaluation in images per second, beside the serial path, and which part limits."""
+    from adaclip.benchmark_pipeline import run as pipeline
+
+    rows = dict(pipeline(batch_size=4, images=8, workers=1, cfg=AdaCLIPConfig.tiny()))
+    for name, value in rows.items():
+        print(f"{name:<50} {value}")
+    assert "1 loader workers (given)" in rows["config"] and "8 images of mvtec" in rows["config"]
+    for name in ("input, 1 workers (regions labelled there)", "input, 0 workers (the previous default)",
+                 "metrics on cpu (histograms, cflow AUPRO)", "input + metrics, this pipeline",
+                 "input + metrics, serial (before)", "model forward, batch 4", "whole evaluation (8 images)"):
+        assert "images/s" in rows[name], name
+    assert "of the model-forward rate" in rows["whole evaluation (8 images)"]
+    assert rows["limited by"] in ("input", "metrics", "model")

@@ -113,10 +113,11 @@ def test_mosaic_augmentation(tmp_path):
     plain = AnomalyDataset(df, tmp_path, identity, 32, aug_rate=0.0)
     mosaic = AnomalyDataset(df, tmp_path, identity, 32, aug_rate=1.0)
     i = int(np.flatnonzero(df.image == "d/0.png")[0])
-    assert plain[i]["image"].shape == (16, 16, 3) and len(set(plain[i]["image"][..., 0].flatten().tolist())) == 1
+    assert plain[i]["image"].shape == (32, 32, 3) and len(set(plain[i]["image"][..., 0].flatten().tolist())) == 1
     seen = set()
-    for _ in range(6):
-        item = mosaic[i]
+    for epoch in range(6):
+        item = mosaic[(epoch, i)]                                   # the draws depend on (seed, epoch, index)
+        assert item["label"] == mosaic[(epoch, i)]["label"] and torch.equal(item["image"], mosaic[(epoch, i)]["image"])
         img, mask = item["image"][..., 0].numpy(), item["mask"].numpy()
         tiles = [colours[int(img[y, x])] for y, x in ((0, 0), (0, 16), (16, 0), (16, 16))]
         assert tiles[0] == 0 and len(set(tiles)) == 4 and 4 not in tiles      # itself first, same category only

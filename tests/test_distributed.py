@@ -198,11 +198,15 @@ def test_each_epoch_shuffles_the_shards_anew(tmp_path):
     script = ("import json, os\n"
               "from adaclip import distributed\n"
               "from adaclip.config import TrainCfg\n"
+              "import torch\n"
               "from adaclip.train import _loader\n"
               "assert distributed.init_from_env() and distributed.active()\n"
-              "cfg = TrainCfg(batch_size=2, seed=7)\n"
-              "orders = [[i for batch in _loader(list(range(16)), cfg, epoch, cfg.batch_size) for i in batch.tolist()]\n"
-              "          for epoch in range(4)]\n"
+              "class Items(torch.utils.data.Dataset):\n"
+              "    def __len__(self): return 16\n"
+              "    def __getitem__(self, k): return k[1]          # (epoch, index)\n"
+              "cfg, loaders = TrainCfg(batch_size=2, seed=7, num_workers=0), {}\n"
+              "orders = [[i for batch in _loader(Items(), cfg, epoch, cfg.batch_size, loaders=loaders)\n"
+              "           for i in batch.tolist()] for epoch in range(4)]\n"
               f"with open(os.path.join({str(tmp_path)!r}, f'rank{{distributed.rank()}}.json'), 'w') as f:\n"
               "    json.dump(orders, f)\n")
     code, out = run_script(tmp_path, script, {"ADACLIP_DIST_TIMEOUT": "120"}, timeout=120)

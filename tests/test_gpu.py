@@ -53,6 +53,23 @@ for name, p in model.named_parameters():
 root = resolve_root("sample")
 result = evaluate(model.eval(), build_manifest("visa", root), root, EvalCfg(batch_size=4), progress=False)
 assert np.isfinite(result.metrics.pixel_auroc).all()
+
+# the pixel histograms on the GPU hold exactly what they hold on the CPU (region weights from the CPU)
+from adaclip.metrics import PixelAccumulator, region_weights
+rng = np.random.default_rng(0)
+maps = rng.random((4, 64, 64)).astype(np.float32)
+masks = np.zeros((4, 64, 64), np.uint8)
+masks[0, 5:20, 5:30] = masks[1, 40:50, 10:12] = masks[1, 50:60, 50:60] = 1
+regions = [region_weights(m) for m in masks]
+cpu, gpu = PixelAccumulator(), PixelAccumulator(device=dev)
+cpu.update(maps, masks, regions)
+gpu.update(torch.from_numpy(maps).to(dev), torch.from_numpy(masks).to(dev), regions)
+assert torch.equal(cpu.hist, gpu.hist.cpu()), "GPU pixel histograms differ"
+assert torch.allclose(cpu.pro, gpu.pro.cpu(), rtol=1e-12, atol=1e-15), "GPU region hits differ"
+a, b = cpu.compute()[0], gpu.compute()[0]
+assert all(abs(a[k] - b[k]) <= 1e-6 for k in a), (a, b)
+workers = evaluate(model.eval(), build_manifest("visa", root), root, EvalCfg(batch_size=4, num_workers=2), progress=False)
+assert workers.scores.score.equals(result.scores.score) or np.allclose(workers.scores.score, result.scores.score, atol=1e-6)
 print("CUDA bf16 path ok on", torch.cuda.get_device_name(0))
 """
 

@@ -3,6 +3,7 @@
     adaclip benchmark --backbone ViT-B-16 --image-size 224         # AdaCLIP, batch 8, random weights, CPU
     adaclip benchmark --backbone ViT-L-14-336 --image-size 518 --batch-size 8 --device cuda
     adaclip benchmark --method winclip                             # at the method's own setting (240 px)
+    adaclip benchmark --pipeline --backbone ViT-B-16                # input, metrics, model, whole evaluation
 
 Against the floor, a bare open_clip image forward at the same size and batch: inference at batch
 size 1 (the reference's only option) and at ``batch_size``, the ratio to the floor, for AdaCLIP the
@@ -166,7 +167,7 @@ def run(backbone: Optional[str] = None, image_size: Optional[int] = None, batch_
         acc.update(m, gt)
     acc.compute()
     per = (time.perf_counter() - start) / len(maps)
-    state = (acc.pos.nbytes + acc.neg.nbytes + acc.pro.nbytes) / 2 ** 20
+    state = (acc.hist.nbytes + acc.pro.nbytes) / 2 ** 20
     rows.append(("pixel metrics incl. AUPRO, 518x518 map", f"{per * 1e3:.0f} ms/image, {state:.0f} MiB state "
                  f"whatever the dataset size"))
     return rows
@@ -200,6 +201,15 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--pretrained", default=None)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    p.add_argument("--pipeline", action="store_true",
+                   help="images/s of the input path, the metric path, the model forward and the whole evaluation "
+                        "(benchmark_pipeline.py)")
+    p.add_argument("--workers", type=int, default=None, help="--pipeline: loader workers (default: one per core)")
+    p.add_argument("--images", type=int, default=64, help="--pipeline: images (the dataset's, repeated)")
+    p.add_argument("--model-images", type=int, default=None,
+                   help="--pipeline: images for the model forward and the whole evaluation (default --images)")
+    p.add_argument("--dataset", default="mvtec", help="--pipeline: a dataset adapter (mvtec, visa, ...)")
+    p.add_argument("--data-root", default=None, help="--pipeline: its data root (default: the embedded sample)")
     p.add_argument("--measure", default=None, help=argparse.SUPPRESS)       # internal: one measurement
     a = p.parse_args(argv)
     if a.measure:
@@ -207,9 +217,15 @@ def main(argv=None) -> None:
         cfg = methods.get(job["method"]).config_class.from_dict(job["cfg"])
         print(measure(job["kind"], job["method"], cfg, job["batch_size"], job["device"], job["checkpointing"]))
         return
-    for name, value in run(a.backbone, a.image_size, a.batch_size, a.device, a.repeats, a.pretrained,
-                           memory=not a.no_memory, method=a.method):
-        print(f"{name:<46} {value}")
+    if a.pipeline:
+        from . import benchmark_pipeline
+        rows = benchmark_pipeline.run(a.method, a.backbone, a.image_size, a.batch_size, a.workers, a.device,
+                                      a.images, a.dataset, a.data_root, model_images=a.model_images)
+    else:
+        rows = run(a.backbone, a.image_size, a.batch_size, a.device, a.repeats, a.pretrained,
+                   memory=not a.no_memory, method=a.method)
+    for name, value in rows:
+        print(f"{name:<50} {value}")
 
 
 if __name__ == "__main__":

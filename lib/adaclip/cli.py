@@ -95,7 +95,8 @@ def _train(args) -> int:
     from . import methods
 
     cfg = methods.train_config(args.method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                               selection=args.selection, checkpoint_activations=args.checkpoint_activations)
+                               selection=args.selection, checkpoint_activations=args.checkpoint_activations,
+                               num_workers=args.workers, image_cache=args.image_cache)
     train(_model_cfg(args), cfg, [resolve_manifest(m) for m in args.train], resolve_root(args.root),
           results_root() / args.run, resume=args.resume, max_steps=args.max_steps,
           test_manifests=[resolve_manifest(m) for m in args.test] if args.test else None)
@@ -116,7 +117,7 @@ def _evaluate(args) -> int:
     rows = read_manifests([resolve_manifest(m) for m in args.test])
     test = rows[rows.split == args.test_split].reset_index(drop=True) if args.test_split else rows
     cfg = EvalCfg(batch_size=args.batch_size, save_maps=args.save_maps, k_shot=args.k_shot, shot_seed=args.shot_seed,
-                  aupro_cflow=not args.no_aupro_cflow)
+                  aupro_cflow=not args.no_aupro_cflow, num_workers=args.workers)
     result = evaluate(model, test, resolve_root(args.root), cfg, run_dir=results_root() / args.run, references=rows)
     if distributed.is_main():
         print(result.metrics.round(4).to_string(index=False))
@@ -312,6 +313,9 @@ def main(argv=None) -> int:
     t.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke runs)")
     t.add_argument("--checkpoint-activations", action="store_true",
                    help="recompute the frozen blocks in backward: same gradients, less memory")
+    t.add_argument("--workers", type=int, default=None, help="loader worker processes (default: one per core)")
+    t.add_argument("--image-cache", default=None, choices=["memory", "disk", "off"],
+                   help="decoded, resized images kept for later epochs (default memory, 2 GiB)")
     t.set_defaults(fn=_train)
 
     e = sub.add_parser("evaluate", help="zero-shot evaluation of a checkpoint")
@@ -322,6 +326,7 @@ def main(argv=None) -> int:
                    help="results/<run>/ (under torchrun write --run-name: torchrun takes --run for its --run-path)")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--save-maps", action="store_true")
+    e.add_argument("--workers", type=int, default=None, help="loader worker processes (default: one per core)")
     e.add_argument("--no-aupro-cflow", action="store_true",
                    help="skip the cflow-style AUPRO (the variant AnomalyCLIP and Crane publish)")
     e.add_argument("--test-split", default="test", help="rows of this split are evaluated ('' for all)")

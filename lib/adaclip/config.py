@@ -78,7 +78,10 @@ class TrainCfg(ConfigBase):
     betas: Tuple[float, float] = (0.5, 0.999)
     optimizer: str = "adamw"            # "adamw" (AdaCLIP) or "adam" (APRIL-GAN: no weight decay)
     seed: int = 111
-    num_workers: int = 0
+    num_workers: Optional[int] = None   # loader worker processes; None: one per core (data/loading.py)
+    image_cache: str = "memory"         # decoded, resized images for later epochs: "memory", "disk", "off"
+    cache_mb: float = 2048              # the memory cache's budget (images beyond it are decoded each epoch)
+    cache_dir: Optional[str] = None     # the disk cache's folder (default $ADACLIP_CACHE or ~/.cache/adaclip)
     dice: str = "per_image"             # "per_image", or "per_row" (reference quirk at batch size 1)
     aug_rate: float = 0.0               # probability of a 2x2 same-class mosaic
     selection: str = "last"             # "last", "val" (split of the training data), "test_f1" (reference leak)
@@ -95,12 +98,14 @@ class TrainCfg(ConfigBase):
             raise ValueError(f"train.selection must be 'last', 'val' or 'test_f1', got {self.selection!r}")
         if self.batch_size < 1 or self.epochs < 1:
             raise ValueError("train.batch_size and train.epochs must be >= 1")
+        if self.image_cache not in ("memory", "disk", "off"):
+            raise ValueError(f"train.image_cache must be 'memory', 'disk' or 'off', got {self.image_cache!r}")
 
 
 @dataclass
 class EvalCfg(ConfigBase):
     batch_size: int = 8
-    num_workers: int = 0
+    num_workers: Optional[int] = None   # loader worker processes; None: one per core (data/loading.py)
     aupro: bool = True                  # region labelling costs time; off for validation during training
     aupro_fpr_limit: float = 0.3
     aupro_cflow: bool = True            # also AnomalyCLIP's / Crane's AUPRO (metrics.CflowAupro), as they publish it

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -16,6 +17,8 @@ from tqdm.auto import tqdm
 from . import distributed
 from .config import EvalCfg
 from .data import AnomalyDataset, check, read_manifests
+from .data.dataset import collate
+from .data.loading import loader_options, resolve_workers
 from .fewshot import draw_references, memory_from_references, reference_list
 from .io import atomic_path, write_csv, write_json
 from .metrics import METRIC_KEYS, CflowAupro, PixelAccumulator, image_metrics, mean_row, summarize
@@ -51,6 +54,9 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
 
     Pixel metrics use only images with pixel ground truth, at the model's input size (or
     ``cfg.pixel_metric_size``); image-level-only datasets get NaN pixel metrics with a note.
+    The pipeline keeps the model busy: loader workers decode images and label AUPRO's regions, the
+    pixel histograms accumulate on the model's device, and maps come back to the host only for
+    the cflow AUPRO or to be saved, which a writer thread does beside the loop.
     ``cfg.k_shot > 0``: few-shot mode (fewshot.py); the references are drawn with ``cfg.shot_seed``
     from the normal training images (split "train") of each category in ``references`` (DataFrame
     or CSV paths; default: ``manifests`` themselves) and listed in config.json.
@@ -69,49 +75,69 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
     was_training = model.training
     model.eval()
     memory = memory_from_references(model, drawn, data_root) if drawn else None
-    dataset = AnomalyDataset(df, data_root, model.transform, model.image_size)
+    resized = bool(cfg.pixel_metric_size) and cfg.pixel_metric_size != model.image_size
+    # the loader workers label AUPRO's regions unless the maps are scored at another size
+    dataset = AnomalyDataset(df, data_root, model.loader_transform, model.image_size, regions=cfg.aupro and not resized)
+    normalize = model.normalize
     # under torchrun each rank scores every world_size-th image; the results are summed below
-    loader = DataLoader(Subset(dataset, distributed.shard(len(df))), batch_size=cfg.batch_size, shuffle=False,
-                        num_workers=cfg.num_workers)
+    mine = distributed.shard(len(df))
+    loader = DataLoader(Subset(dataset, mine), batch_size=cfg.batch_size, shuffle=False, collate_fn=collate,
+                        **loader_options(resolve_workers(cfg.num_workers, -(-len(mine) // cfg.batch_size)), device))
     keys = list(dict.fromkeys(zip(df.dataset, df.category)))
-    # one accumulator per category with pixel ground truth (none for image-level datasets)
-    pixels = {key: PixelAccumulator(fpr_limit=cfg.aupro_fpr_limit, aupro=cfg.aupro)
-              for key in dict.fromkeys((d, c) for d, c, m in zip(df.dataset, df.category, dataset.has_mask) if m)}
+    key_of = list(zip(df.dataset, df.category))
+    # one accumulator per category with pixel ground truth (none for image-level datasets), on the device
+    pixels = {key: PixelAccumulator(fpr_limit=cfg.aupro_fpr_limit, aupro=cfg.aupro, device=device)
+              for key in dict.fromkeys(k for k, m in zip(key_of, dataset.has_mask) if m)}
     cflow = {key: CflowAupro(fpr_limit=cfg.aupro_fpr_limit) for key in pixels} if cfg.aupro_cflow else {}
-    scores = np.zeros(len(df), np.float64)
-    # a transductive image score (a reference's faithful option: APRIL-GAN's few-shot, AA-CLIP's) needs
-    # every test image of a category: the parts it needs are collected, the scores finalised per category
-    parts = None
+    scored_index, scored_values, scored_parts = [], [], []
     maps_dir = Path(run_dir) / "maps" if (run_dir and cfg.save_maps) else None
+    writer = MapWriter(df, cflow, maps_dir) if (cflow or maps_dir is not None) else None
 
-    for batch in tqdm(loader, desc="evaluate", disable=not progress or not distributed.is_main()):
-        with autocast(device):
-            out = model(batch["image"].to(device), list(batch["class_name"]), return_tokens=memory is not None)
-            if memory is not None:
-                out = memory.apply(out, [f"{df.at[i, 'dataset']}/{df.at[i, 'category']}" for i in batch["index"].tolist()])
-        maps, masks = out.pixel_scores, batch["mask"]
-        if cfg.pixel_metric_size and cfg.pixel_metric_size != maps.shape[-1]:
-            size = (cfg.pixel_metric_size,) * 2
-            maps = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-            masks = F.interpolate(masks[:, None], size=size, mode="nearest")[:, 0]
-        maps, masks = maps.clamp(0, 1).cpu().numpy(), masks.numpy()
-        if model.transductive and out.score_parts is not None:
-            if parts is None:
-                parts = np.zeros((len(df), out.score_parts.shape[1]), np.float64)
-            parts[batch["index"].numpy()] = out.score_parts.double().cpu().numpy()
-        for j, i in enumerate(batch["index"].tolist()):
-            scores[i] = float(out.image_scores[j])
-            key = (df.at[i, "dataset"], df.at[i, "category"])
-            if batch["has_mask"][j]:
-                pixels[key].update(maps[j], masks[j])
-                if cflow:
-                    cflow[key].update(maps[j], masks[j])
-            if maps_dir is not None:
-                with atomic_path(maps_dir / f"{i:06d}.npz") as tmp:
-                    with open(tmp, "wb") as f:
-                        np.savez_compressed(f, map=maps[j].astype(np.float16), image=df.at[i, "image"])
+    try:
+        for batch in tqdm(loader, desc="evaluate", disable=not progress or not distributed.is_main()):
+            index = batch["index"].tolist()
+            with autocast(device):
+                out = model(normalize(batch["image"].to(device, non_blocking=True)), list(batch["class_name"]),
+                            return_tokens=memory is not None)
+                if memory is not None:
+                    out = memory.apply(out, [f"{df.at[i, 'dataset']}/{df.at[i, 'category']}" for i in index])
+            maps, masks = out.pixel_scores.float(), batch["mask"].to(device, non_blocking=True)
+            if resized:
+                size = (cfg.pixel_metric_size,) * 2
+                maps = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+                masks = F.interpolate(masks[:, None].float(), size=size, mode="nearest")[:, 0]
+            maps = maps.clamp(0, 1)
+            scored_index.append(batch["index"])
+            scored_values.append(out.image_scores.detach().double())
+            if model.transductive and out.score_parts is not None:
+                # a transductive image score (a reference's faithful option: APRIL-GAN's few-shot,
+                # AA-CLIP's) needs every test image of a category: its parts are collected here
+                scored_parts.append(out.score_parts.detach().double())
+            # the annotated images of each category in the batch, one histogram update per category
+            groups: dict = {}
+            for j, i in enumerate(index):
+                if batch["has_mask"][j]:
+                    groups.setdefault(key_of[i], []).append(j)
+            for key, js in groups.items():
+                sel = torch.tensor(js, device=device)
+                pixels[key].update(maps[sel], masks[sel], [batch["regions"][j] for j in js] if "regions" in batch else None)
+            if writer is not None:
+                writer.submit(maps, masks, index, [bool(h) for h in batch["has_mask"]])
+    finally:
+        if writer is not None:
+            writer.close()
     model.train(was_training)
+    scores, parts = np.zeros(len(df), np.float64), None
+    if scored_index:
+        done = torch.cat(scored_index).numpy()
+        scores[done] = torch.cat(scored_values).cpu().numpy()
+        if scored_parts:
+            parts = np.zeros((len(df), scored_parts[0].shape[1]), np.float64)
+            parts[done] = torch.cat(scored_parts).cpu().numpy()
     scores = distributed.sum_array(scores)               # each image was scored by exactly one rank
+    if distributed.active() and model.transductive:      # a rank with no image has no parts to add
+        width = -int(distributed.min_array(np.array([-(0 if parts is None else parts.shape[1])]))[0])
+        parts = np.zeros((len(df), width)) if parts is None and width else parts
     transductive = parts is not None
     if transductive:
         parts = distributed.sum_array(parts)
@@ -148,6 +174,56 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
                       few_shot={"k_shot": cfg.k_shot, "seed": cfg.shot_seed, "references": reference_list(drawn)},
                       trained_on=model.trained_on, transductive_image_scores=transductive, **weights_note(model))
     return EvalResult(metrics, scored, curves)
+
+
+class MapWriter:
+    """Beside the evaluation loop, in one thread and in order: each batch's maps copied to the host
+    (asynchronously from a GPU), fed to the cflow AUPRO and saved when asked. A few batches may be
+    in flight; an error in the thread is raised in the loop."""
+
+    def __init__(self, df: pd.DataFrame, cflow: dict, maps_dir: Optional[Path], in_flight: int = 4):
+        self.df, self.cflow, self.maps_dir, self.in_flight = df, cflow, maps_dir, in_flight
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maps")
+        self.pending: list[Future] = []
+
+    def submit(self, maps: torch.Tensor, masks: torch.Tensor, index: list, has_mask: list) -> None:
+        copies = [_to_host(maps), _to_host(masks)]
+        while self.pending and (self.pending[0].done() or len(self.pending) >= self.in_flight):
+            self.pending.pop(0).result()                   # raises the thread's error, if any
+        self.pending.append(self.pool.submit(self._write, copies, index, has_mask))
+
+    def _write(self, copies, index: list, has_mask: list) -> None:
+        (maps, ready), (masks, _) = copies
+        if ready is not None:
+            ready.synchronize()
+        maps, masks = maps.numpy(), masks.numpy()
+        for j, i in enumerate(index):
+            key = (self.df.at[i, "dataset"], self.df.at[i, "category"])
+            if has_mask[j] and self.cflow:
+                self.cflow[key].update(maps[j], masks[j])
+            if self.maps_dir is not None:
+                with atomic_path(self.maps_dir / f"{i:06d}.npz") as tmp:
+                    with open(tmp, "wb") as f:
+                        np.savez_compressed(f, map=maps[j].astype(np.float16), image=self.df.at[i, "image"])
+
+    def close(self) -> None:
+        try:
+            for f in self.pending:
+                f.result()
+        finally:
+            self.pool.shutdown(wait=True)
+
+
+def _to_host(t: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.cuda.Event]]:
+    """A device tensor copied into pinned host memory without waiting, and the event that marks the
+    copy done; a CPU tensor as it is."""
+    if t.device.type != "cuda":
+        return t, None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
 
 
 def _cflow_aupro(acc: CflowAupro) -> tuple[float, str]:

@@ -13,9 +13,10 @@ from __future__ import annotations
 import math
 import tempfile
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
+import torch
 from scipy import ndimage
 from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score
 
@@ -45,9 +46,33 @@ def image_metrics(labels, scores) -> tuple[dict, list]:
                 image_f1=f1, image_threshold=thr), []
 
 
+def _tensor(x) -> torch.Tensor:
+    """A tensor from a tensor or any array-like (read-only numpy arrays copied, not aliased)."""
+    if isinstance(x, torch.Tensor):
+        return x
+    x = np.asarray(x)
+    return torch.from_numpy(x if x.flags.writeable else x.copy())
+
+
+def region_weights(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """A mask's 8-connected anomalous regions as AUPRO counts them: the flat indices of its anomalous
+    pixels (int64), each one's 1 / (its region's size) (float64), and the number of regions. Run on
+    the CPU (the loader workers compute it beside decoding: `AnomalyDataset(regions=True)`); small
+    to pass on, since only anomalous pixels are listed."""
+    mask = np.asarray(mask) > 0
+    labelled, n = ndimage.label(mask, structure=_EIGHT_CONNECTED)
+    pixels = np.flatnonzero(labelled)
+    sizes = np.bincount(labelled.ravel())                          # sizes[0] = background
+    return pixels.astype(np.int64), 1.0 / sizes[labelled.ravel()[pixels]], int(n)
+
+
 @dataclass
 class PixelAccumulator:
     """Streams (map, mask) pairs into histograms; `compute()` gives the pixel metrics.
+
+    The histograms live on ``device``, where the maps are: an update is two ``bincount`` calls there
+    (no copy to the host). AUPRO's regions are labelled on the CPU: pass each mask's
+    `region_weights` (from the loader workers) or they are computed here from the masks.
 
     >>> acc = PixelAccumulator()
     >>> acc.update(np.array([[0.9, 0.1], [0.2, 0.8]]), np.array([[1, 0], [0, 1]]))
@@ -57,46 +82,77 @@ class PixelAccumulator:
     bins: int = 2 ** 20
     fpr_limit: float = 0.3
     aupro: bool = True                       # False: skip region labelling (pixel_aupro is NaN)
-    pos: np.ndarray = field(init=False)
-    neg: np.ndarray = field(init=False)
-    pro: np.ndarray = field(init=False)      # Σ 1/|region| of anomalous pixels per bin
+    device: Union[str, torch.device] = "cpu"
+    hist: torch.Tensor = field(init=False)   # (2, bins): normal, anomalous pixels per bin
+    pro: torch.Tensor = field(init=False)    # Σ 1/|region| of anomalous pixels per bin
     regions: int = field(init=False, default=0)
     images: int = field(init=False, default=0)
 
     def __post_init__(self):
-        self.pos = np.zeros(self.bins, np.int64)
-        self.neg = np.zeros(self.bins, np.int64)
-        self.pro = np.zeros(self.bins, np.float64)
+        self.device = torch.device(self.device)
+        self.hist = torch.zeros(2, self.bins, dtype=torch.int64, device=self.device)
+        self.pro = torch.zeros(self.bins, dtype=torch.float64, device=self.device)
 
-    def _bin(self, scores: np.ndarray) -> np.ndarray:
-        if scores.size and (scores.min() < -1e-6 or scores.max() > 1 + 1e-6 or not np.isfinite(scores).all()):
-            raise ValueError(f"pixel scores must be finite and in [0, 1], got range "
-                             f"[{scores.min():.4g}, {scores.max():.4g}]")
-        return np.clip((scores * self.bins).astype(np.int64), 0, self.bins - 1)
+    @property
+    def pos(self) -> np.ndarray:
+        return self.hist[1].cpu().numpy()
 
-    def update(self, anomaly_map: np.ndarray, mask: np.ndarray) -> None:
-        """One image: map (H, W) in [0, 1], mask (H, W) in {0, 1}."""
-        anomaly_map = np.asarray(anomaly_map, dtype=np.float32)
-        mask = np.asarray(mask) > 0
-        if anomaly_map.shape != mask.shape:
-            raise ValueError(f"map {anomaly_map.shape} and mask {mask.shape} differ in shape")
-        b = self._bin(anomaly_map)
-        self.pos += np.bincount(b[mask], minlength=self.bins)
-        self.neg += np.bincount(b[~mask], minlength=self.bins)
-        if self.aupro and mask.any():
-            labelled, n = ndimage.label(mask, structure=_EIGHT_CONNECTED)
-            sizes = np.bincount(labelled.ravel())                             # sizes[0] = background
-            inside = labelled > 0
-            self.pro += np.bincount(b[inside], weights=1.0 / sizes[labelled[inside]], minlength=self.bins)
-            self.regions += n
-        self.images += 1
+    @property
+    def neg(self) -> np.ndarray:
+        return self.hist[0].cpu().numpy()
+
+    def _bin(self, scores: torch.Tensor) -> torch.Tensor:
+        if scores.numel():
+            lo, hi = scores.aminmax()
+            if not (lo >= -1e-6 and hi <= 1 + 1e-6):          # also catches NaN
+                raise ValueError(f"pixel scores must be finite and in [0, 1], got range [{float(lo):.4g}, {float(hi):.4g}]")
+        # float32 x 2^k is exact: the same bins as numpy's (scores * bins).astype(int64); int32 halves the
+        # memory traffic (bins * 2 < 2^31)
+        return (scores * self.bins).to(torch.int32).clamp_(0, self.bins - 1)
+
+    def update(self, anomaly_map, mask, regions: Optional[list] = None) -> None:
+        """One image, map (H, W) in [0, 1] and mask (H, W) in {0, 1}, or a batch of them (B, H, W),
+        as numpy arrays or tensors (moved to ``device``). ``regions``: each mask's `region_weights`
+        when already computed (else the masks are labelled here)."""
+        scores = _tensor(anomaly_map).to(self.device, torch.float32)
+        mask = _tensor(mask).to(self.device) > 0
+        if scores.shape != mask.shape:
+            raise ValueError(f"map {tuple(scores.shape)} and mask {tuple(mask.shape)} differ in shape")
+        if scores.ndim == 2:
+            scores, mask = scores[None], mask[None]
+        b = self._bin(scores).flatten()
+        if self.aupro:
+            if regions is None:
+                regions = [region_weights(m) for m in mask.cpu().numpy()]
+            if len(regions) != len(scores):
+                raise ValueError(f"{len(regions)} region lists for {len(scores)} maps")
+            area = scores[0].numel()
+            pixels = torch.cat([_tensor(p).reshape(-1) + j * area for j, (p, _, _) in enumerate(regions)])
+            if len(pixels):
+                weights = torch.cat([_tensor(w).reshape(-1) for _, w, _ in regions])
+                self._add(self.pro, b[pixels.to(self.device)], weights.to(self.device, torch.float64))
+            self.regions += sum(int(n) for _, _, n in regions)
+        # one histogram of 2 x bins: normal pixels in the first half, anomalous ones in the second
+        self._add(self.hist.view(-1), b.add_(mask.flatten().to(torch.int32), alpha=self.bins))
+        self.images += len(scores)
+
+    @staticmethod
+    def _add(hist: torch.Tensor, index: torch.Tensor, weights: Optional[torch.Tensor] = None) -> None:
+        """hist += bincount(index, weights): torch's on an accelerator, numpy's (several times faster
+        than torch's there) on the CPU, in place through shared memory."""
+        if hist.device.type == "cpu":
+            h = hist.numpy()
+            h += np.bincount(index.numpy(), None if weights is None else weights.numpy(), minlength=len(h)).astype(h.dtype, copy=False)
+        else:
+            hist += torch.bincount(index, weights, minlength=len(hist))
 
     def _cumulative(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Thresholds from high to low (only bins that hold pixels): the mask of those bins, and the
         true / false positive counts at each."""
-        keep = (self.pos + self.neg) > 0
-        tp = np.cumsum(self.pos[::-1][keep[::-1]]).astype(np.float64)
-        fp = np.cumsum(self.neg[::-1][keep[::-1]]).astype(np.float64)
+        neg, pos = self.hist.cpu().numpy()
+        keep = (pos + neg) > 0
+        tp = np.cumsum(pos[::-1][keep[::-1]]).astype(np.float64)
+        fp = np.cumsum(neg[::-1][keep[::-1]]).astype(np.float64)
         return keep, tp, fp
 
     def _thresholds(self, keep: np.ndarray) -> np.ndarray:
@@ -108,7 +164,7 @@ class PixelAccumulator:
         'precision'} arrays, thresholds from high to low (recall = tpr). Thinned to about
         ``max_points`` evenly spaced along the ROC curve's length (both ends kept), so that the
         drawn curve and its area stay within ~1e-3 of the exact ones."""
-        P, N = int(self.pos.sum()), int(self.neg.sum())
+        N, P = self.hist.sum(1).tolist()
         if P == 0 or N == 0:
             return {k: np.zeros(0) for k in ("threshold", "fpr", "tpr", "precision")}
         keep, tp, fp = self._cumulative()
@@ -121,30 +177,31 @@ class PixelAccumulator:
 
     def counts(self) -> tuple[np.ndarray, ...]:
         """The state as arrays (pos, neg, pro, [regions, images]): what shards of a run add up."""
-        return self.pos, self.neg, self.pro, np.array([self.regions, self.images], np.int64)
+        return self.pos, self.neg, self.pro.cpu().numpy(), np.array([self.regions, self.images], np.int64)
 
     def set_counts(self, pos: np.ndarray, neg: np.ndarray, pro: np.ndarray, totals: np.ndarray) -> None:
         """Replace the state by (summed) `counts` arrays."""
-        self.pos, self.neg, self.pro = pos, neg, pro
+        self.hist = torch.as_tensor(np.stack([neg, pos])).to(self.device)
+        self.pro = torch.as_tensor(pro).to(self.device)
         self.regions, self.images = int(totals[0]), int(totals[1])
 
     @classmethod
     def merged(cls, parts: list["PixelAccumulator"]) -> "PixelAccumulator":
         """One accumulator holding all of ``parts``' pixels (pooled curves; shards of a run)."""
-        out = cls(bins=parts[0].bins, fpr_limit=parts[0].fpr_limit, aupro=all(p.aupro for p in parts))
+        out = cls(bins=parts[0].bins, fpr_limit=parts[0].fpr_limit, aupro=all(p.aupro for p in parts),
+                  device=parts[0].device)
         for p in parts:
             if p.bins != out.bins:
                 raise ValueError(f"cannot merge accumulators of {p.bins} and {out.bins} bins")
-            out.pos += p.pos
-            out.neg += p.neg
-            out.pro += p.pro
+            out.hist += p.hist.to(out.device)
+            out.pro += p.pro.to(out.device)
             out.regions += p.regions
             out.images += p.images
         return out
 
     def compute(self) -> tuple[dict, list]:
         keys = ("pixel_auroc", "pixel_ap", "pixel_f1", "pixel_aupro")
-        P, N = int(self.pos.sum()), int(self.neg.sum())
+        N, P = self.hist.sum(1).tolist()
         if P == 0 or N == 0:
             which = "no pixel annotations" if self.images == 0 else \
                 ("no anomalous pixels" if P == 0 else "no normal pixels")
@@ -161,7 +218,7 @@ class PixelAccumulator:
                       pixel_threshold=float(self._thresholds(keep)[best]))
         if not self.aupro:
             return values, ["pixel_aupro not computed (aupro=False)"]
-        pro = np.cumsum(self.pro[::-1][keep[::-1]]) / self.regions
+        pro = np.cumsum(self.pro.cpu().numpy()[::-1][keep[::-1]]) / self.regions
         values["pixel_aupro"] = _partial_area(np.r_[0.0, fpr], np.r_[0.0, pro], self.fpr_limit) / self.fpr_limit
         return values, []
 

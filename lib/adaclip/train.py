@@ -19,13 +19,15 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import distributed
 from . import methods
 from .config import EvalCfg, TrainCfg
 from .data import AnomalyDataset, ManifestError, check, check_disjoint
+from .data.cache import ImageCache
+from .data.loading import resolve_workers, training_loader
 from .evaluate import as_manifest, autocast, evaluate
 from .io import atomic_path
 from .methods import Method, Targets
@@ -132,7 +134,7 @@ def train(model_cfg, train_cfg: Union[TrainCfg, dict], train_manifests,
     if resume and last.is_file():
         state = read_checkpoint(last, map_location=device)
         # more epochs are fine, and recomputing activations changes no result
-        free = ("epochs", "checkpoint_activations")
+        free = ("epochs", "checkpoint_activations", "num_workers", "image_cache", "cache_mb", "cache_dir")
         resumable = {k: v for k, v in cfg.to_dict().items() if k not in free}
         saved = {k: v for k, v in state["train_config"].items() if k not in free}
         if state.get("method", "adaclip") != method or state["model_config"] != model_cfg.to_dict() \
@@ -155,7 +157,13 @@ def train(model_cfg, train_cfg: Union[TrainCfg, dict], train_manifests,
 
     if main:
         update_config(run_dir, **what_ran)
-    dataset = AnomalyDataset(train_df, data_root, model.transform, model.image_size, aug_rate=cfg.aug_rate)
+    # decoded, resized images are kept for later epochs (in shared memory when workers fill them)
+    workers = resolve_workers(cfg.num_workers)
+    cache = ImageCache(cfg.image_cache if total > 1 else "off", len(train_df), model.image_size, cfg.cache_mb,
+                       cfg.cache_dir, shared=workers > 0)
+    dataset = AnomalyDataset(train_df, data_root, model.loader_transform, model.image_size, aug_rate=cfg.aug_rate,
+                             seed=cfg.seed, cache=cache)
+    loaders: dict[int, DataLoader] = {}                # one per batch size, kept across epochs and stages
     # several processes: gradients of the learnable parameters averaged (CLIP is frozen; the
     # reference's layer-0 text prompt never gets one, hence find_unused_parameters)
     net = DistributedDataParallel(model, find_unused_parameters=True,
@@ -174,8 +182,7 @@ def train(model_cfg, train_cfg: Union[TrainCfg, dict], train_manifests,
                 resumed_optimizer = None
             # every random draw of this epoch depends only on (seed, epoch): resumable
             seed_everything(cfg.seed + epoch)
-            dataset.rng.seed(cfg.seed + epoch)
-            loader = _loader(dataset, cfg, epoch, stage.batch_size)
+            loader = _loader(dataset, cfg, epoch, stage.batch_size, device, loaders)
             net.train()
             name = f"{stage.name} " if len(stages) > 1 else ""
             bar = tqdm(loader, desc=f"{name}epoch {epoch + 1}/{total}", disable=not progress or not main)
@@ -183,8 +190,9 @@ def train(model_cfg, train_cfg: Union[TrainCfg, dict], train_manifests,
             for batch in bar:
                 if max_steps is not None and step >= max_steps:
                     return model
-                images, masks = batch["image"].to(device), batch["mask"].to(device)
-                labels, has_mask = batch["label"].to(device), batch["has_mask"].to(device)
+                images, masks, labels, has_mask = (batch[k].to(device, non_blocking=True)
+                                                   for k in ("image", "mask", "label", "has_mask"))
+                images, masks = model.normalize(images), masks.float()
                 with autocast(device, cfg.amp):
                     # each method's own loss; images without pixel ground truth add no segmentation loss
                     targets = Targets(labels, masks, has_mask, cfg.dice, stage.name)
@@ -236,14 +244,15 @@ def train(model_cfg, train_cfg: Union[TrainCfg, dict], train_manifests,
     return model
 
 
-def _loader(dataset, cfg: TrainCfg, epoch: int, batch_size: int) -> DataLoader:
-    """This epoch's batches: shuffled from (seed, epoch); under torchrun each rank a disjoint shard."""
-    if distributed.active():
-        sampler = DistributedSampler(dataset, shuffle=True, seed=cfg.seed)
-        sampler.set_epoch(epoch)
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=cfg.num_workers)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=cfg.num_workers,
-                      generator=torch.Generator().manual_seed(cfg.seed + epoch))
+def _loader(dataset, cfg: TrainCfg, epoch: int, batch_size: int, device: torch.device = torch.device("cpu"),
+            loaders: Optional[dict] = None) -> DataLoader:
+    """This epoch's batches: shuffled from (seed, epoch), items indexed (epoch, i); under torchrun each
+    rank a disjoint shard. The loader of ``batch_size`` in ``loaders`` is reused (its workers persist)."""
+    loaders = {} if loaders is None else loaders
+    if batch_size not in loaders:
+        loaders[batch_size] = training_loader(dataset, batch_size, cfg.seed, cfg.num_workers, device, distributed.active())
+    loaders[batch_size].sampler.set_epoch(epoch)
+    return loaders[batch_size]
 
 
 def _optimizer(stage, resumed: Optional[dict] = None):

@@ -222,13 +222,30 @@ def normalization(cfg: BackboneCfg) -> tuple[tuple[float, ...], tuple[float, ...
 
 
 
-def build_transform(cfg: BackboneCfg) -> T.Compose:
+def build_transform(cfg: BackboneCfg, normalize: bool = True) -> T.Compose:
     """PIL RGB image -> (3, S, S) float tensor: resize to (S, S) bicubic (no aspect-preserving crop, as
-    every reference squashes), to tensor, normalise with the weights' mean/std (OpenAI's for `openai`)."""
+    every reference squashes), to tensor, normalise with the weights' mean/std (OpenAI's for `openai`).
+    ``normalize=False``: the resized image as a uint8 tensor, for `Normalizer` to finish on the model's
+    device (a quarter of the bytes to move; the same numbers)."""
     mean, std = normalization(cfg)
     size = cfg.image_size
-    return T.Compose([
-        T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC),
-        T.ToTensor(),
-        T.Normalize(mean, std),
-    ])
+    resize = T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC)
+    if not normalize:
+        return T.Compose([resize, T.PILToTensor()])
+    return T.Compose([resize, T.ToTensor(), T.Normalize(mean, std)])
+
+
+class Normalizer:
+    """uint8 (B, 3, S, S) images from ``build_transform(cfg, normalize=False)`` -> what
+    ``build_transform(cfg)`` gives, bit for bit: ToTensor's ``float / 255``, then Normalize's
+    ``sub_(mean).div_(std)``, on whatever device the batch is."""
+
+    def __init__(self, cfg: BackboneCfg):
+        self.mean, self.std = normalization(cfg)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.is_floating_point():                     # already normalised (the plain transform)
+            return images
+        mean = torch.as_tensor(self.mean, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+        std = torch.as_tensor(self.std, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+        return images.to(torch.float32).div(255).sub_(mean).div_(std)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..backbone import build_clip, build_transform, config_quick_gelu, patch_size
+from ..backbone.clip import Normalizer
 
 PathLike = Union[str, Path]
 
@@ -110,6 +111,16 @@ class Method(nn.Module):
     def transform(self):
         """PIL image -> normalised (3, S, S) tensor, as the method expects."""
         return build_transform(self.cfg.backbone)
+
+    @property
+    def loader_transform(self):
+        """What the loader workers run: `transform` without its last step, uint8 out; `normalize`
+        finishes it on the device (evaluation and training)."""
+        return build_transform(self.cfg.backbone, normalize=False)
+
+    @property
+    def normalize(self) -> Normalizer:
+        return Normalizer(self.cfg.backbone)
 
     @property
     def device(self) -> torch.device:

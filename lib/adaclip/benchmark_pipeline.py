@@ -1,0 +1,144 @@
+"""``adaclip benchmark --pipeline``: images per second of each part of an evaluation, so that a user
+sees which one limits: the input path (decode, resize, normalise, AUPRO's region labelling in the
+loader workers), the metric path (pixel histograms on the device, the cflow AUPRO), the model
+forward, and the whole `evaluate`. Beside them, the serial path evaluation had before (no workers,
+regions labelled and histograms filled in the loop on the CPU) for the input + metrics part.
+
+Real images of a dataset in its official layout (default: the embedded sample's MVTec AD bottles),
+repeated to ``images``; random maps stand in for the model's in the metric path, random weights in
+the model. Numbers are printed, never asserted.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional, Union
+
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from . import methods
+from .config import EvalCfg
+from .data import AnomalyDataset, build_manifest
+from .data.dataset import collate
+from .data.loading import loader_options, resolve_workers
+from .data.sample import SAMPLE_ROOT
+from .evaluate import evaluate
+from .metrics import CflowAupro, PixelAccumulator
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _rate(n: int, seconds: float) -> str:
+    return f"{n / seconds:.3g} images/s ({seconds / n * 1e3:.4g} ms/image)"
+
+
+def _metric_pass(batches, device: torch.device, serial: bool, normalize=None) -> None:
+    """Every batch's (random) maps through the pixel histograms and the cflow AUPRO: on ``device``
+    with the workers' region weights (the images normalised there), or ``serial``ly image by image
+    on the CPU, labelling here."""
+    acc = PixelAccumulator(device="cpu" if serial else device)
+    cflow = CflowAupro()
+    for maps, batch in batches:
+        if serial:
+            for j in range(len(maps)):
+                acc.update(maps[j].cpu(), batch["mask"][j])
+                cflow.update(maps[j].cpu().numpy(), batch["mask"][j].numpy())
+        else:
+            normalize(batch["image"].to(device, non_blocking=True))
+            masks = batch["mask"].to(device, non_blocking=True)
+            acc.update(maps, masks, batch["regions"])
+            host = maps.cpu().numpy()
+            for j in range(len(maps)):
+                cflow.update(host[j], batch["mask"][j].numpy())
+    _sync(device)
+    cflow.close()
+
+
+def run(method: str = "adaclip", backbone: Optional[str] = None, image_size: Optional[int] = None,
+        batch_size: int = 8, workers: Optional[int] = None, device: str = "cpu", images: int = 64,
+        dataset: str = "mvtec", data_root: Union[str, Path, None] = None, cfg=None,
+        model_images: Optional[int] = None) -> list[tuple[str, str]]:
+    """The rows `adaclip benchmark --pipeline` prints. ``model_images``: how many images the model
+    forward and the whole evaluation run on (default ``images``; fewer for a large model on a CPU)."""
+    dev = torch.device(device)
+    if cfg is None:
+        fields = {k: v for k, v in dict(name=backbone, image_size=image_size).items() if v is not None}
+        cfg = methods.config(method, backbone={**fields, "pretrained": None})
+    size = cfg.backbone.image_size
+    root = Path(data_root) if data_root else SAMPLE_ROOT
+    base = build_manifest(dataset, root)
+    base = base[base.split == "test"] if "split" in base and (base.split == "test").any() else base
+    df = pd.concat([base] * -(-images // len(base)), ignore_index=True).iloc[:images]
+    model = methods.get(method)(cfg).to(dev).eval()
+    n_workers = resolve_workers(workers, -(-len(df) // batch_size))
+    rows = [("config", f"{method}: {cfg.backbone.name} @ {size}, batch {batch_size}, {n_workers} loader workers "
+                       f"({'auto' if workers is None else 'given'}), {len(df)} images of {dataset} from {root}, "
+                       f"{device}, torch threads {torch.get_num_threads()}")]
+
+    def loader(n: int, regions: bool) -> DataLoader:
+        data = AnomalyDataset(df, root, model.loader_transform if regions else model.transform, size, regions=regions)
+        return DataLoader(data, batch_size=batch_size, collate_fn=collate, **loader_options(n, dev))
+
+    def timed_input(n: int, regions: bool) -> float:
+        start = time.perf_counter()
+        for batch in loader(n, regions):
+            model.normalize(batch["image"].to(dev, non_blocking=True))
+        _sync(dev)
+        return time.perf_counter() - start
+
+    for col in ("image", "mask"):                      # the files in the OS cache: no run pays the first read
+        for rel in set(df[col]) - {""}:
+            (root / rel).read_bytes()
+    t_in = timed_input(n_workers, True)
+    t_in0 = timed_input(0, False)
+    rows += [(f"input, {n_workers} workers (regions labelled there)", _rate(len(df), t_in)),
+             ("input, 0 workers (the previous default)", _rate(len(df), t_in0))]
+
+    batches = [(torch.rand(len(b["index"]), size, size, device=dev), b) for b in loader(0, True)]
+    _sync(dev)
+    start = time.perf_counter()
+    _metric_pass(batches, dev, serial=False, normalize=model.normalize)
+    t_m = time.perf_counter() - start
+    start = time.perf_counter()
+    _metric_pass(batches, dev, serial=True)
+    t_m0 = time.perf_counter() - start
+    rows += [(f"metrics on {device} (histograms, cflow AUPRO)", _rate(len(df), t_m)),
+             ("metrics serial on the CPU (labelling in the loop)", _rate(len(df), t_m0))]
+
+    def input_and_metrics(n: int, serial: bool) -> float:
+        maps = torch.rand(batch_size, size, size, device=dev)
+        start = time.perf_counter()
+        _metric_pass(((maps[:len(b["index"])], b) for b in loader(n, not serial)), dev, serial, model.normalize)
+        return time.perf_counter() - start
+
+    t_im, t_im0 = input_and_metrics(n_workers, False), input_and_metrics(0, True)
+    rows += [("input + metrics, this pipeline", f"{_rate(len(df), t_im)}; {t_im0 / t_im:.2f}x the serial path"),
+             ("input + metrics, serial (before)", _rate(len(df), t_im0))]
+
+    x, names = torch.randn(batch_size, 3, size, size, device=dev), ["bottle"] * batch_size
+    with torch.no_grad(), (torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)):
+        model(x, names)
+        _sync(dev)
+        start = time.perf_counter()
+        n_model = model_images or len(df)
+        steps = max(1, n_model // batch_size)
+        for _ in range(steps):
+            model(x, names)
+        _sync(dev)
+    t_f = (time.perf_counter() - start) / (steps * batch_size)                 # per image
+    rows.append((f"model forward, batch {batch_size}", _rate(1, t_f)))
+
+    start = time.perf_counter()
+    evaluate(model, df.iloc[:n_model], root, EvalCfg(batch_size=batch_size, num_workers=workers), progress=False,
+             validate_files=False)
+    _sync(dev)
+    t_e = (time.perf_counter() - start) / min(n_model, len(df))
+    rows.append((f"whole evaluation ({min(n_model, len(df))} images)", f"{_rate(1, t_e)} = {t_f / t_e:.0%} of the model-forward rate"))
+    limit = min([("input", t_in / len(df)), ("metrics", t_m / len(df)), ("model", t_f)], key=lambda r: -r[1])[0]
+    rows.append(("limited by", limit))
+    return rows

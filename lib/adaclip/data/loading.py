@@ -1,0 +1,79 @@
+"""DataLoaders that keep the model fed: worker processes by default, pinned memory on CUDA, and
+training's per-epoch order through one persistent loader.
+
+Workers decode, resize, normalise and (for evaluation) label AUPRO's regions while the model runs.
+Every item depends only on its index (and training's on (seed, epoch, index)), so the number of
+workers never changes a result (tested).
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterator, Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
+
+MAX_WORKERS = 8
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def resolve_workers(num_workers: Optional[int], batches: Optional[int] = None) -> int:
+    """``num_workers`` as configured, or when None one per core this process may use (at most
+    MAX_WORKERS; none on a single core), and never more than there are batches to overlap with the
+    first one (a single batch gains nothing from a worker)."""
+    if num_workers is not None:
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0 or None (automatic), got {num_workers}")
+        return int(num_workers)
+    cores = available_cores()
+    n = 0 if cores <= 1 else min(MAX_WORKERS, cores)
+    return n if batches is None else max(0, min(n, batches - 1))
+
+
+def loader_options(workers: int, device: torch.device, persistent: bool = False) -> dict:
+    """DataLoader keywords: pinned memory for asynchronous copies to a GPU, prefetching workers."""
+    options = {"num_workers": workers, "pin_memory": torch.device(device).type == "cuda"}
+    if workers:
+        options.update(persistent_workers=persistent, prefetch_factor=4)
+    return options
+
+
+class EpochSampler(Sampler):
+    """Yields ``(epoch, index)``: the order of each epoch drawn from (seed, epoch) (under torchrun
+    each rank its disjoint shard, as `DistributedSampler`), the epoch passed on to the dataset for
+    its random draws. Call `set_epoch` before iterating; a persistent loader reads it each epoch."""
+
+    def __init__(self, size: int, seed: int, distributed: bool = False):
+        self.seed, self.epoch = seed, 0
+        if distributed:
+            self.inner = DistributedSampler(range(size), shuffle=True, seed=seed)
+        else:
+            self.generator = torch.Generator()
+            self.inner = RandomSampler(range(size), generator=self.generator)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if isinstance(self.inner, DistributedSampler):
+            self.inner.set_epoch(epoch)
+        else:
+            self.generator.manual_seed(self.seed + epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        return ((epoch, i) for i in self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+def training_loader(dataset: Dataset, batch_size: int, seed: int, num_workers: Optional[int],
+                    device: torch.device, distributed: bool = False) -> DataLoader:
+    """One loader for all epochs of a stage (workers persist, with their decoded-image caches):
+    ``loader.sampler.set_epoch(e)`` before each epoch."""
+    sampler = EpochSampler(len(dataset), seed, distributed)
+    workers = resolve_workers(num_workers, -(-len(sampler) // batch_size))
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                      **loader_options(workers, device, persistent=True))
