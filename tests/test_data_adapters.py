@@ -190,8 +190,10 @@ def test_ksdd_strips_cut_as_the_reference(tmp_path):
     # the loader cuts image and mask alike; the manifest round-trips with its crop column
     item = AnomalyDataset(df, tmp_path, lambda im: np.asarray(im), 8)
     i = int(np.flatnonzero((df.image == "ksdd/kos01/Part1.jpg") & (df.crop == "0,10,20,20"))[0])
-    pixels = item[i]["image"]
-    assert pixels.shape == (10, 20, 3) and pixels[0, 0, 1] == 10 and pixels[-1, 0, 1] == 19
+    image, mask = item._load(i)                           # before the resize to the model's size
+    pixels = np.asarray(image)
+    assert pixels.shape == (10, 20, 3) and pixels[0, 0, 1] == 10 and pixels[-1, 0, 1] == 19 and mask.shape == (10, 20)
+    assert item[i]["image"].shape == (8, 8, 3)
     assert item[i]["label"] == 1 and item[i]["mask"].sum() > 0
     write_manifest(df, tmp_path / "ksdd.csv")
     again = read_manifest(tmp_path / "ksdd.csv")
