@@ -164,6 +164,7 @@ def train(model_cfg, train_cfg: Union[TrainCfg, dict], train_manifests,
     dataset = AnomalyDataset(train_df, data_root, model.loader_transform, model.image_size, aug_rate=cfg.aug_rate,
                              seed=cfg.seed, cache=cache)
     loaders: dict[int, DataLoader] = {}                # one per batch size, kept across epochs and stages
+    normalize = model.normalize                        # the workers send uint8 images; finished on the device
     # several processes: gradients of the learnable parameters averaged (CLIP is frozen; the
     # reference's layer-0 text prompt never gets one, hence find_unused_parameters)
     net = DistributedDataParallel(model, find_unused_parameters=True,
@@ -192,7 +193,7 @@ def train(model_cfg, train_cfg: Union[TrainCfg, dict], train_manifests,
                     return model
                 images, masks, labels, has_mask = (batch[k].to(device, non_blocking=True)
                                                    for k in ("image", "mask", "label", "has_mask"))
-                images, masks = model.normalize(images), masks.float()
+                images, masks = normalize(images), masks.float()
                 with autocast(device, cfg.amp):
                     # each method's own loss; images without pixel ground truth add no segmentation loss
                     targets = Targets(labels, masks, has_mask, cfg.dice, stage.name)

@@ -242,10 +242,13 @@ class Normalizer:
 
     def __init__(self, cfg: BackboneCfg):
         self.mean, self.std = normalization(cfg)
+        self._on: dict = {}                                # device -> (mean, std): copied there once, not per batch
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.is_floating_point():                     # already normalised (the plain transform)
             return images
-        mean = torch.as_tensor(self.mean, dtype=torch.float32, device=images.device).view(-1, 1, 1)
-        std = torch.as_tensor(self.std, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+        if images.device not in self._on:
+            self._on[images.device] = tuple(torch.as_tensor(v, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+                                            for v in (self.mean, self.std))
+        mean, std = self._on[images.device]
         return images.to(torch.float32).div(255).sub_(mean).div_(std)
