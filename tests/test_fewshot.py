@@ -177,15 +177,21 @@ def test_each_method_evaluates_few_shot_with_its_own_memory(synthetic, tmp_path,
     cfg = EvalCfg(batch_size=4, k_shot=2, shot_seed=1)
     got = evaluate(model, test, root, cfg, run_dir=tmp_path, progress=False, references=df).scores.score.values
     assert json.loads((tmp_path / "config.json").read_text())["transductive_image_scores"] is False
-    memory = model.few_shot_memory()
-    for (name, category), rows in draw_references(df, test, 2, 1).items():
-        refs = AnomalyDataset(rows, root, model.transform, model.image_size)
-        memory.add(f"{name}/{category}", torch.stack([refs[i]["image"] for i in range(len(refs))]), category)
-    images = AnomalyDataset(test, root, model.transform, model.image_size)
+    memory, images = _memory_by_hand(model, df, test, root)
     with torch.no_grad():
         want = [float(memory.apply(model(images[i]["image"][None], test.category[i], return_tokens=True),
                                    [f"{test.dataset[i]}/{test.category[i]}"]).image_scores[0]) for i in range(len(test))]
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def _memory_by_hand(model, df, test, root):
+    """The few-shot memory built image by image from the references evaluation draws (k=2, seed 1),
+    and the test images, for comparing with `evaluate`."""
+    memory = model.few_shot_memory()
+    for (name, category), rows in draw_references(df, test, 2, 1).items():
+        refs = AnomalyDataset(rows, root, model.transform, model.image_size)
+        memory.add(f"{name}/{category}", torch.stack([refs[i]["image"] for i in range(len(refs))]), category)
+    return memory, AnomalyDataset(test, root, model.transform, model.image_size)
 
 
 def test_a_transductive_image_score_is_computed_per_category_and_flagged(synthetic, tmp_path):
@@ -203,11 +209,7 @@ def test_a_transductive_image_score_is_computed_per_category_and_flagged(synthet
     assert json.loads((tmp_path / "config.json").read_text())["transductive_image_scores"] is True
     rows = result.metrics[result.metrics.category != "mean"]
     assert len(rows) == 2 and rows.note.str.contains("transductive").all()
-    memory = model.few_shot_memory()
-    for (name, category), rows in draw_references(df, test, 2, 1).items():
-        refs = AnomalyDataset(rows, root, model.transform, model.image_size)
-        memory.add(f"{name}/{category}", torch.stack([refs[i]["image"] for i in range(len(refs))]), category)
-    images = AnomalyDataset(test, root, model.transform, model.image_size)
+    memory, images = _memory_by_hand(model, df, test, root)
     with torch.no_grad():
         parts = np.array([memory.apply(model(images[i]["image"][None], test.category[i], return_tokens=True),
                                        [f"{test.dataset[i]}/{test.category[i]}"]).score_parts[0].numpy()
