@@ -34,7 +34,8 @@ def test_benchmark_of_each_method(capsys):
 
 def test_pipeline_benchmark_prints_each_rate(capsys):
     """`adaclip benchmark --pipeline`: the input path, the metric path, the model forward and the whole
-    evaluation in images per second, beside the serial path, and which part limits."""
+    evaluation in images per second, input + metrics as evaluation runs them (with and without
+    workers), and which part limits."""
     from adaclip.benchmark_pipeline import run as pipeline
 
     rows = dict(pipeline(batch_size=4, images=8, workers=1, cfg=AdaCLIPConfig.tiny()))
@@ -42,8 +43,10 @@ def test_pipeline_benchmark_prints_each_rate(capsys):
         print(f"{name:<50} {value}")
     assert "1 loader workers (given)" in rows["config"] and "8 images of mvtec" in rows["config"]
     for name in ("input, 1 workers (regions labelled there)", "input, 0 workers (the previous default)",
-                 "metrics on cpu (histograms, cflow AUPRO)", "input + metrics, this pipeline",
-                 "input + metrics, serial (before)", "model forward, batch 4", "whole evaluation (8 images)"):
+                 "metrics on cpu (histograms, cflow AUPRO with its counts)",
+                 "input + metrics (evaluate, forward replaced), 1 workers",
+                 "input + metrics (evaluate, forward replaced), 0 workers", "model forward, batch 4",
+                 "whole evaluation (8 images)"):
         assert "images/s" in rows[name], name
     assert "of the model-forward rate" in rows["whole evaluation (8 images)"]
     assert rows["limited by"] in ("input", "metrics", "model")

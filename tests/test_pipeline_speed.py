@@ -103,6 +103,48 @@ def test_region_weights_and_batched_updates_match_per_image_labelling():
     assert a == b or all(abs(a[k] - b[k]) < 1e-12 for k in a)
 
 
+def test_device_path_equals_the_host_path(monkeypatch):
+    """The torch path (what runs on a GPU: bincount of 2 x bins, pinned region lists, the range check
+    deferred to the first read) run on CPU tensors, against the numpy path the CPU uses."""
+    masks, maps = _masks()
+    maps[1, 3, 3], maps[2, 0, 0] = 1.0, 0.0                         # both ends of the range
+    listed = [region_weights(m) for m in masks]
+    host = PixelAccumulator(bins=4096)
+    host.update(maps[:4], masks[:4], listed[:4])
+    host.update(maps[4:], masks[4:], listed[4:])
+    monkeypatch.setattr(PixelAccumulator, "_update_host", PixelAccumulator._update_device)
+    device = PixelAccumulator(bins=4096)
+    device.update(torch.from_numpy(maps[:4]), torch.from_numpy(masks[:4]), listed[:4])
+    device.update(torch.from_numpy(maps[4:]), torch.from_numpy(masks[4:]))      # labelled here
+    assert torch.equal(host.hist, device.hist) and host.regions == device.regions
+    torch.testing.assert_close(host.pro, device.pro, rtol=1e-12, atol=1e-15)
+    bad = PixelAccumulator(bins=4096)
+    bad.update(maps * 1.5, masks)                                   # no read yet, no error yet
+    with pytest.raises(ValueError, match=r"in \[0, 1\], got range \[0, 1\.5\]"):
+        bad.compute()
+
+
+def test_thresholds_below_equals_a_binary_search():
+    """The cflow AUPRO's per-pixel count of thresholds below each score, without the search: values
+    on, just above and just below every threshold, beyond both ends, NaN; reference thresholds from
+    float32 extents (their float64 steps do not divide evenly) and degenerate ones."""
+    from adaclip.metrics import thresholds_below
+
+    rng = np.random.default_rng(0)
+    for lo, hi in [(0.0, 1.0), (0.1234567, 0.7654321), (0.3, 0.30001), (-2.5, 1e3)]:
+        th = CflowAupro().thresholds(np.array([np.float32(lo), -np.float32(hi)]))
+        edge = np.concatenate([th, np.nextafter(th, np.inf), np.nextafter(th, -np.inf),
+                               th.astype(np.float32), [lo - 1, hi + 1, hi, lo]])
+        values = np.concatenate([edge, rng.uniform(lo - 0.1, hi + 0.1, 5000)]).astype(np.float32)
+        assert np.array_equal(thresholds_below(values, th), np.searchsorted(th, values.astype(np.float64)))
+    for th in [np.zeros(0), np.array([0.5]), np.array([0.2, 0.2, 0.7])]:
+        values = np.array([0.1, 0.2, 0.5, 0.7, 0.9, np.nan], np.float32)
+        assert np.array_equal(thresholds_below(values, th), np.searchsorted(th, values.astype(np.float64)))
+    th = CflowAupro().thresholds(np.array([0.0, -1.0]))
+    values = np.array([[0.5, np.nan]], np.float32)
+    assert np.array_equal(thresholds_below(values, th), np.searchsorted(th, values.astype(np.float64)))
+
+
 def test_device_normalisation_equals_the_transform(visa):
     """The workers send uint8 images; `normalize` on the device gives the transform's tensor exactly."""
     model = _tiny()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from . import distributed
 from .config import EvalCfg
 from .data import AnomalyDataset, check, read_manifests
 from .data.dataset import collate
-from .data.loading import loader_options, resolve_workers
+from .data.loading import loader_options, resolve_workers, torch_threads
 from .fewshot import draw_references, memory_from_references, reference_list
 from .io import atomic_path, write_csv, write_json
 from .metrics import METRIC_KEYS, CflowAupro, PixelAccumulator, image_metrics, mean_row, summarize
@@ -81,8 +82,11 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
     normalize = model.normalize
     # under torchrun each rank scores every world_size-th image; the results are summed below
     mine = distributed.shard(len(df))
+    workers = resolve_workers(cfg.num_workers, -(-len(mine) // cfg.batch_size))
     loader = DataLoader(Subset(dataset, mine), batch_size=cfg.batch_size, shuffle=False, collate_fn=collate,
-                        **loader_options(resolve_workers(cfg.num_workers, -(-len(mine) // cfg.batch_size)), device))
+                        **loader_options(workers, device))
+    # on the CPU beside workers: the loop's own ops on one thread, the model on all (loading.torch_threads)
+    loop_threads, model_threads = (1, torch.get_num_threads()) if device.type == "cpu" and workers else (None, None)
     keys = list(dict.fromkeys(zip(df.dataset, df.category)))
     key_of = list(zip(df.dataset, df.category))
     # one accumulator per category with pixel ground truth (none for image-level datasets), on the device
@@ -91,38 +95,43 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
     cflow = {key: CflowAupro(fpr_limit=cfg.aupro_fpr_limit) for key in pixels} if cfg.aupro_cflow else {}
     scored_index, scored_values, scored_parts = [], [], []
     maps_dir = Path(run_dir) / "maps" if (run_dir and cfg.save_maps) else None
-    writer = MapWriter(df, cflow, maps_dir) if (cflow or maps_dir is not None) else None
+    # a category's cflow counts need all its maps: without ranks to agree with, the writer counts
+    # each category as soon as its last map arrives, beside the loop, instead of all after it
+    last = Counter(key_of[i] for i in mine if dataset.has_mask[i]) if not distributed.active() else {}
+    writer = MapWriter(df, cflow, maps_dir, last) if (cflow or maps_dir is not None) else None
 
     try:
-        for batch in tqdm(loader, desc="evaluate", disable=not progress or not distributed.is_main()):
-            index = batch["index"].tolist()
-            with autocast(device):
-                out = model(normalize(batch["image"].to(device, non_blocking=True)), list(batch["class_name"]),
-                            return_tokens=memory is not None)
-                if memory is not None:
-                    out = memory.apply(out, [f"{df.at[i, 'dataset']}/{df.at[i, 'category']}" for i in index])
-            maps, masks = out.pixel_scores.float(), batch["mask"].to(device, non_blocking=True)
-            if resized:
-                size = (cfg.pixel_metric_size,) * 2
-                maps = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-                masks = F.interpolate(masks[:, None].float(), size=size, mode="nearest")[:, 0]
-            maps = maps.clamp(0, 1)
-            scored_index.append(batch["index"])
-            scored_values.append(out.image_scores.detach().double())
-            if model.transductive and out.score_parts is not None:
-                # a transductive image score (a reference's faithful option: APRIL-GAN's few-shot,
-                # AA-CLIP's) needs every test image of a category: its parts are collected here
-                scored_parts.append(out.score_parts.detach().double())
-            # the annotated images of each category in the batch, one histogram update per category
-            groups: dict = {}
-            for j, i in enumerate(index):
-                if batch["has_mask"][j]:
-                    groups.setdefault(key_of[i], []).append(j)
-            for key, js in groups.items():
-                sel = torch.tensor(js, device=device)
-                pixels[key].update(maps[sel], masks[sel], [batch["regions"][j] for j in js] if "regions" in batch else None)
-            if writer is not None:
-                writer.submit(maps, masks, index, [bool(h) for h in batch["has_mask"]])
+        with torch_threads(loop_threads):
+            for batch in tqdm(loader, desc="evaluate", disable=not progress or not distributed.is_main()):
+                index = batch["index"].tolist()
+                images = normalize(batch["image"].to(device, non_blocking=True))
+                with autocast(device), torch_threads(model_threads):
+                    out = model(images, list(batch["class_name"]), return_tokens=memory is not None)
+                    if memory is not None:
+                        out = memory.apply(out, [f"{df.at[i, 'dataset']}/{df.at[i, 'category']}" for i in index])
+                maps, masks = out.pixel_scores.float(), batch["mask"].to(device, non_blocking=True)
+                if resized:
+                    size = (cfg.pixel_metric_size,) * 2
+                    maps = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+                    masks = F.interpolate(masks[:, None].float(), size=size, mode="nearest")[:, 0]
+                maps = maps.clamp(0, 1)
+                scored_index.append(batch["index"])
+                scored_values.append(out.image_scores.detach().double())
+                if model.transductive and out.score_parts is not None:
+                    # a transductive image score (a reference's faithful option: APRIL-GAN's few-shot,
+                    # AA-CLIP's) needs every test image of a category: its parts are collected here
+                    scored_parts.append(out.score_parts.detach().double())
+                # the annotated images of each category in the batch, one histogram update per category
+                groups: dict = {}
+                for j, i in enumerate(index):
+                    if batch["has_mask"][j]:
+                        groups.setdefault(key_of[i], []).append(j)
+                for key, js in groups.items():
+                    # a run of the batch (the usual case, test sets sorted by category) as a view, no copy
+                    sel = slice(js[0], js[-1] + 1) if js[-1] - js[0] == len(js) - 1 else torch.tensor(js, device=device)
+                    pixels[key].update(maps[sel], masks[sel], [batch["regions"][j] for j in js] if "regions" in batch else None)
+                if writer is not None:
+                    writer.submit(maps, masks, index, [bool(h) for h in batch["has_mask"]], batch.get("regions"))
     finally:
         if writer is not None:
             writer.close()
@@ -146,7 +155,8 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
             scores[sel] = model.finalize_scores(parts[sel])
     for acc in pixels.values():
         acc.set_counts(*[distributed.sum_array(a) for a in acc.counts()])
-    cflow_values = {key: _cflow_aupro(acc) for key, acc in cflow.items()}
+    cflow_values = {key: writer.finished[key] if key in writer.finished else _cflow_aupro(acc)
+                    for key, acc in cflow.items()}
 
     rows, scored = [], df[["dataset", "category", "image", *(["crop"] if "crop" in df else []), "label"]].copy()
     scored["score"], scored["threshold"], scored["decision"] = scores, np.nan, pd.NA
@@ -178,21 +188,26 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
 
 class MapWriter:
     """Beside the evaluation loop, in one thread and in order: each batch's maps copied to the host
-    (asynchronously from a GPU), fed to the cflow AUPRO and saved when asked. A few batches may be
-    in flight; an error in the thread is raised in the loop."""
+    (asynchronously from a GPU), fed to the cflow AUPRO and saved when asked. ``left``: how many
+    annotated maps each category still has to come; when its last one is in, its cflow AUPRO is
+    computed here (`finished`). A few batches may be in flight; an error in the thread is raised in
+    the loop."""
 
-    def __init__(self, df: pd.DataFrame, cflow: dict, maps_dir: Optional[Path], in_flight: int = 4):
+    def __init__(self, df: pd.DataFrame, cflow: dict, maps_dir: Optional[Path], left: Optional[dict] = None,
+                 in_flight: int = 4):
         self.df, self.cflow, self.maps_dir, self.in_flight = df, cflow, maps_dir, in_flight
+        self.left, self.finished = Counter(left or {}), {}
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maps")
         self.pending: list[Future] = []
 
-    def submit(self, maps: torch.Tensor, masks: torch.Tensor, index: list, has_mask: list) -> None:
+    def submit(self, maps: torch.Tensor, masks: torch.Tensor, index: list, has_mask: list,
+               regions: Optional[list] = None) -> None:
         copies = [_to_host(maps), _to_host(masks)]
         while self.pending and (self.pending[0].done() or len(self.pending) >= self.in_flight):
             self.pending.pop(0).result()                   # raises the thread's error, if any
-        self.pending.append(self.pool.submit(self._write, copies, index, has_mask))
+        self.pending.append(self.pool.submit(self._write, copies, index, has_mask, regions))
 
-    def _write(self, copies, index: list, has_mask: list) -> None:
+    def _write(self, copies, index: list, has_mask: list, regions: Optional[list]) -> None:
         (maps, ready), (masks, _) = copies
         if ready is not None:
             ready.synchronize()
@@ -200,7 +215,10 @@ class MapWriter:
         for j, i in enumerate(index):
             key = (self.df.at[i, "dataset"], self.df.at[i, "category"])
             if has_mask[j] and self.cflow:
-                self.cflow[key].update(maps[j], masks[j])
+                self.cflow[key].update(maps[j], masks[j], regions[j] if regions else None)
+                self.left[key] -= 1
+                if self.left[key] == 0:
+                    self.finished[key] = _cflow_aupro(self.cflow[key])
             if self.maps_dir is not None:
                 with atomic_path(self.maps_dir / f"{i:06d}.npz") as tmp:
                     with open(tmp, "wb") as f:

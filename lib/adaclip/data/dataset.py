@@ -107,7 +107,7 @@ class AnomalyDataset(Dataset):
         }
         if self.regions:
             pixels, weights, n = region_weights(mask)
-            item["regions"] = (torch.from_numpy(pixels), torch.from_numpy(weights), n)
+            item["regions"] = (pixels, weights, n)     # numpy: pickled with the batch, no shared-memory handle each
         return item
 
 

@@ -7,6 +7,7 @@ workers never changes a result (tested).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Iterator, Optional
 
@@ -39,6 +40,24 @@ def loader_options(workers: int, device: torch.device, persistent: bool = False)
     if workers:
         options.update(persistent_workers=persistent, prefetch_factor=4)
     return options
+
+
+@contextlib.contextmanager
+def torch_threads(n: Optional[int]):
+    """torch's intra-op thread count set to ``n`` inside the block (None: left as it is).
+
+    On the CPU, while loader workers hold the cores, the loop's own small ops (normalising, metric
+    updates) run best on one thread: several threads meeting at a barrier on oversubscribed cores
+    wait for each other to be scheduled. The model's forward keeps all of them."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class EpochSampler(Sampler):
