@@ -38,7 +38,7 @@ def test_pipeline_benchmark_prints_each_rate(capsys):
     workers), and which part limits."""
     from adaclip.benchmark_pipeline import run as pipeline
 
-    rows = dict(pipeline(batch_size=4, images=8, workers=1, cfg=AdaCLIPConfig.tiny()))
+    rows = dict(pipeline(batch_size=4, images=8, workers=1, cfg=AdaCLIPConfig.tiny(), repeat=1))
     for name, value in rows.items():
         print(f"{name:<50} {value}")
     assert "1 loader workers (given)" in rows["config"] and "8 images of mvtec" in rows["config"]

@@ -210,6 +210,7 @@ def main(argv=None) -> None:
                    help="--pipeline: images for the model forward and the whole evaluation (default --images)")
     p.add_argument("--dataset", default="mvtec", help="--pipeline: a dataset adapter (mvtec, visa, ...)")
     p.add_argument("--data-root", default=None, help="--pipeline: its data root (default: the embedded sample)")
+    p.add_argument("--repeat", type=int, default=3, help="--pipeline: time each pass this many times, keep the best")
     p.add_argument("--measure", default=None, help=argparse.SUPPRESS)       # internal: one measurement
     a = p.parse_args(argv)
     if a.measure:
@@ -220,7 +221,7 @@ def main(argv=None) -> None:
     if a.pipeline:
         from . import benchmark_pipeline
         rows = benchmark_pipeline.run(a.method, a.backbone, a.image_size, a.batch_size, a.workers, a.device,
-                                      a.images, a.dataset, a.data_root, model_images=a.model_images)
+                                      a.images, a.dataset, a.data_root, model_images=a.model_images, repeat=a.repeat)
     else:
         rows = run(a.backbone, a.image_size, a.batch_size, a.device, a.repeats, a.pretrained,
                    memory=not a.no_memory, method=a.method)

@@ -251,4 +251,4 @@ class Normalizer:
             self._on[images.device] = tuple(torch.as_tensor(v, dtype=torch.float32, device=images.device).view(-1, 1, 1)
                                             for v in (self.mean, self.std))
         mean, std = self._on[images.device]
-        return images.to(torch.float32).div(255).sub_(mean).div_(std)
+        return images.to(torch.float32).div_(255).sub_(mean).div_(std)      # the cast is a new tensor: in place after it

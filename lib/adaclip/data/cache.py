@@ -39,7 +39,7 @@ def resize_pair(image: Image.Image, mask: np.ndarray, size: int) -> tuple[Image.
     """The image resized as the transform resizes it (bicubic to (S, S)), the mask as the dataset
     does (nearest, 0/255)."""
     return (image.resize((size, size), Image.BICUBIC) if image.size != (size, size) else image,
-            Image.fromarray(mask * 255).resize((size, size), Image.NEAREST))
+            Image.fromarray(mask * 255).resize((size, size), Image.NEAREST) if mask.any() else Image.new("L", (size, size)))
 
 
 def file_key(root: Path, row, size: int) -> str:

@@ -37,6 +37,7 @@ class AnomalyDataset(Dataset):
                  image_size: int, aug_rate: float = 0.0, seed: int = 0, regions: bool = False,
                  cache: Optional[ImageCache] = None):
         self.df = manifest.reset_index(drop=True)
+        self.rows = self.df.to_dict("records")             # plain dicts: a pandas row lookup per item costs more
         self.root = Path(root)
         self.transform, self.size = transform, image_size
         self.aug_rate, self.seed = aug_rate, seed
@@ -49,7 +50,7 @@ class AnomalyDataset(Dataset):
         return len(self.df)
 
     def _load(self, i: int) -> tuple[Image.Image, np.ndarray]:
-        row = self.df.iloc[i]
+        row = self.rows[i]
         where = f"{self.df.attrs.get('path', 'manifest')} row {i + 2}"
         try:
             return load_row(self.root, row)
@@ -61,7 +62,7 @@ class AnomalyDataset(Dataset):
         key = None
         if self.cache is not None and self.cache.mode != "off":
             try:
-                key = file_key(self.root, self.df.iloc[i], self.size)
+                key = file_key(self.root, self.rows[i], self.size)
             except OSError:
                 key = None                                     # a missing file: _load names it below
             hit = self.cache.get(i, key) if key else None
@@ -88,7 +89,7 @@ class AnomalyDataset(Dataset):
 
     def __getitem__(self, index) -> dict:
         epoch, i = index if isinstance(index, tuple) else (0, index)
-        row = self.df.iloc[i]
+        row = self.rows[i]
         rng = random.Random(f"{self.seed}/{epoch}/{i}") if self.aug_rate > 0 else None
         if rng is not None and rng.random() < self.aug_rate:
             image, mask, label = self._mosaic(i, rng)

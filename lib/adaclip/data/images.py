@@ -48,7 +48,7 @@ def load_image(path) -> Image.Image:
         im = im.convert("RGBA")
         background = Image.new("RGBA", im.size, (0, 0, 0, 255))
         im = Image.alpha_composite(background, im)
-    return im.convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")
 
 
 def load_mask(path) -> np.ndarray:
