@@ -137,6 +137,12 @@ def test_thresholds_below_equals_a_binary_search():
                                th.astype(np.float32), [lo - 1, hi + 1, hi, lo]])
         values = np.concatenate([edge, rng.uniform(lo - 0.1, hi + 0.1, 5000)]).astype(np.float32)
         assert np.array_equal(thresholds_below(values, th), np.searchsorted(th, values.astype(np.float64)))
+    # uneven thresholds: the guess is off by several steps, in both directions, and corrected
+    for th in [np.sort(rng.random(50)), np.geomspace(1e-3, 1, 30), np.r_[0.0, 0.01, 0.02, 0.9, 1.0]]:
+        th = th.astype(np.float32).astype(np.float64)              # float32 maps can sit on them exactly
+        values = np.concatenate([th, np.nextafter(th, np.inf), np.nextafter(th, -np.inf), rng.random(3000)])
+        values = values.astype(np.float32)
+        assert np.array_equal(thresholds_below(values, th), np.searchsorted(th, values.astype(np.float64)))
     for th in [np.zeros(0), np.array([0.5]), np.array([0.2, 0.2, 0.7])]:
         values = np.array([0.1, 0.2, 0.5, 0.7, 0.9, np.nan], np.float32)
         assert np.array_equal(thresholds_below(values, th), np.searchsorted(th, values.astype(np.float64)))
