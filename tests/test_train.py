@@ -183,3 +183,27 @@ def test_batch_size_one_and_per_row_dice_run(synthetic, tmp_path):
     train(cfg64(), TrainCfg(epochs=1, batch_size=1, dice="per_row"), small(train_df, 2), root, tmp_path,
           progress=False)
     assert len(load_log(tmp_path)) == 2
+
+
+@pytest.mark.parametrize("rows, shared", [(4, False), (12, True)])
+def test_image_cache_is_shared_only_when_workers_fill_it(synthetic, tmp_path, monkeypatch, rows, shared):
+    """One batch per epoch gets no loader workers, so its cache stays in the process (no shared
+    block); several batches get workers (automatic count, two cores or more), which fill one."""
+    import adaclip.train as train_module
+    from adaclip.data.cache import ImageCache
+
+    # the automatic count on two cores, as train() sees it (the loaders themselves run without workers)
+    monkeypatch.setattr(train_module, "resolve_workers",
+                        lambda n, batches=None: 0 if batches is not None and batches < 2 else 2)
+    seen = []
+
+    class Spy(ImageCache):
+        def __init__(self, *args, **kwargs):
+            seen.append(kwargs.get("shared"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "ImageCache", Spy)
+    root, train_df, _ = synthetic
+    train(cfg64(), TrainCfg(epochs=2, batch_size=4, num_workers=0), small(train_df, rows), root, tmp_path,
+          progress=False)
+    assert seen == [shared]

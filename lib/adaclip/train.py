@@ -157,8 +157,10 @@ def train(model_cfg, train_cfg: Union[TrainCfg, dict], train_manifests,
 
     if main:
         update_config(run_dir, **what_ran)
-    # decoded, resized images are kept for later epochs (in shared memory when workers fill them)
-    workers = resolve_workers(cfg.num_workers)
+    # decoded, resized images are kept for later epochs (in shared memory when workers fill them:
+    # when any stage's loader, the one of the smallest batch having the most batches, gets workers)
+    per_rank = -(-len(train_df) // distributed.world_size())
+    workers = resolve_workers(cfg.num_workers, -(-per_rank // min(st.batch_size for st in stages)))
     cache = ImageCache(cfg.image_cache if total > 1 else "off", len(train_df), model.image_size, cfg.cache_mb,
                        cfg.cache_dir, shared=workers > 0)
     dataset = AnomalyDataset(train_df, data_root, model.loader_transform, model.image_size, aug_rate=cfg.aug_rate,

@@ -38,8 +38,10 @@ def default_directory() -> Path:
 def resize_pair(image: Image.Image, mask: np.ndarray, size: int) -> tuple[Image.Image, Image.Image]:
     """The image resized as the transform resizes it (bicubic to (S, S)), the mask as the dataset
     does (nearest, 0/255)."""
-    return (image.resize((size, size), Image.BICUBIC) if image.size != (size, size) else image,
-            Image.fromarray(mask * 255).resize((size, size), Image.NEAREST) if mask.any() else Image.new("L", (size, size)))
+    image = image.resize((size, size), Image.BICUBIC) if image.size != (size, size) else image
+    if not mask.any():                                          # a normal image: nothing to resize
+        return image, Image.new("L", (size, size))
+    return image, Image.fromarray(mask * 255).resize((size, size), Image.NEAREST)
 
 
 def file_key(root: Path, row, size: int) -> str:
