@@ -169,8 +169,27 @@ def test_resolve_workers():
     assert 0 <= auto <= MAX_WORKERS
     assert resolve_workers(None, batches=1) == 0                    # one batch: nothing to overlap with
     assert resolve_workers(None, batches=2) == min(auto, 1)
+    assert resolve_workers(None, batches=9, work_s=0.2) == 0                 # little input: the main process
+    assert resolve_workers(None, batches=9, work_s=30) == min(auto, 8)
+    assert resolve_workers(2, batches=9, work_s=0.2) == 2                     # a given count is kept
     with pytest.raises(ValueError, match="num_workers"):
         resolve_workers(-1)
+
+
+def test_small_evaluations_run_without_workers(visa, monkeypatch):
+    """The automatic count times one item: the embedded sample's few images load faster in the main
+    process than workers start; with more input than MIN_WORK_S the workers come (two cores or more)."""
+    import adaclip.data.loading as loading
+    import adaclip.evaluate as evaluate_module
+
+    seen = []
+    real = evaluate_module.loader_options
+    monkeypatch.setattr(evaluate_module, "loader_options", lambda workers, device: seen.append(workers) or real(workers, device))
+    model = _tiny()
+    evaluate(model, visa, ROOT, EvalCfg(batch_size=4), progress=False)
+    monkeypatch.setattr(loading, "MIN_WORK_S", 0.0)
+    evaluate(model, visa, ROOT, EvalCfg(batch_size=4), progress=False)
+    assert seen == [0, resolve_workers(None, -(-len(visa) // 4))]
 
 
 def test_writer_thread_errors_reach_the_caller(visa, tmp_path, monkeypatch):

@@ -194,7 +194,7 @@ def test_image_cache_is_shared_only_when_workers_fill_it(synthetic, tmp_path, mo
 
     # the automatic count on two cores, as train() sees it (the loaders themselves run without workers)
     monkeypatch.setattr(train_module, "resolve_workers",
-                        lambda n, batches=None: 0 if batches is not None and batches < 2 else 2)
+                        lambda n, batches=None, work_s=None: 0 if batches is not None and batches < 2 else 2)
     seen = []
 
     class Spy(ImageCache):

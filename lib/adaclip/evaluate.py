@@ -19,7 +19,7 @@ from . import distributed
 from .config import EvalCfg
 from .data import AnomalyDataset, check, read_manifests
 from .data.dataset import collate
-from .data.loading import loader_options, resolve_workers, torch_threads
+from .data.loading import input_seconds, loader_options, resolve_workers, torch_threads
 from .fewshot import draw_references, memory_from_references, reference_list
 from .io import atomic_path, write_csv, write_json
 from .metrics import METRIC_KEYS, CflowAupro, PixelAccumulator, image_metrics, mean_row, summarize
@@ -82,7 +82,8 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
     normalize = model.normalize
     # under torchrun each rank scores every world_size-th image; the results are summed below
     mine = distributed.shard(len(df))
-    workers = resolve_workers(cfg.num_workers, -(-len(mine) // cfg.batch_size))
+    work = input_seconds(dataset, mine[0], len(mine)) if cfg.num_workers is None and mine else None
+    workers = resolve_workers(cfg.num_workers, -(-len(mine) // cfg.batch_size), work)
     loader = DataLoader(Subset(dataset, mine), batch_size=cfg.batch_size, shuffle=False, collate_fn=collate,
                         **loader_options(workers, device))
     # on the CPU beside workers: the loop's own ops on one thread, the model on all (loading.torch_threads)

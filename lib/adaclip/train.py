@@ -27,7 +27,7 @@ from . import methods
 from .config import EvalCfg, TrainCfg
 from .data import AnomalyDataset, ManifestError, check, check_disjoint
 from .data.cache import ImageCache
-from .data.loading import resolve_workers, training_loader
+from .data.loading import input_seconds, resolve_workers, training_loader
 from .evaluate import as_manifest, autocast, evaluate
 from .io import atomic_path
 from .methods import Method, Targets
@@ -157,14 +157,16 @@ def train(model_cfg, train_cfg: Union[TrainCfg, dict], train_manifests,
 
     if main:
         update_config(run_dir, **what_ran)
+    # loader workers unless the whole training's input is small (one item timed, without the cache);
     # decoded, resized images are kept for later epochs (in shared memory when workers fill them:
     # when any stage's loader, the one of the smallest batch having the most batches, gets workers)
-    per_rank = -(-len(train_df) // distributed.world_size())
-    workers = resolve_workers(cfg.num_workers, -(-per_rank // min(st.batch_size for st in stages)))
-    cache = ImageCache(cfg.image_cache if total > 1 else "off", len(train_df), model.image_size, cfg.cache_mb,
-                       cfg.cache_dir, shared=workers > 0)
     dataset = AnomalyDataset(train_df, data_root, model.loader_transform, model.image_size, aug_rate=cfg.aug_rate,
-                             seed=cfg.seed, cache=cache)
+                             seed=cfg.seed)
+    per_rank = -(-len(train_df) // distributed.world_size())
+    work = input_seconds(dataset, 0, per_rank * total) if cfg.num_workers is None and len(train_df) else None
+    workers = resolve_workers(cfg.num_workers, -(-per_rank // min(st.batch_size for st in stages)), work)
+    dataset.cache = ImageCache(cfg.image_cache if total > 1 else "off", len(train_df), model.image_size, cfg.cache_mb,
+                               cfg.cache_dir, shared=workers > 0)
     loaders: dict[int, DataLoader] = {}                # one per batch size, kept across epochs and stages
     normalize = model.normalize                        # the workers send uint8 images; finished on the device
     # several processes: gradients of the learnable parameters averaged (CLIP is frozen; the
@@ -185,7 +187,7 @@ def train(model_cfg, train_cfg: Union[TrainCfg, dict], train_manifests,
                 resumed_optimizer = None
             # every random draw of this epoch depends only on (seed, epoch): resumable
             seed_everything(cfg.seed + epoch)
-            loader = _loader(dataset, cfg, epoch, stage.batch_size, device, loaders)
+            loader = _loader(dataset, cfg, epoch, stage.batch_size, device, loaders, work)
             net.train()
             name = f"{stage.name} " if len(stages) > 1 else ""
             bar = tqdm(loader, desc=f"{name}epoch {epoch + 1}/{total}", disable=not progress or not main)
@@ -248,12 +250,14 @@ def train(model_cfg, train_cfg: Union[TrainCfg, dict], train_manifests,
 
 
 def _loader(dataset, cfg: TrainCfg, epoch: int, batch_size: int, device: torch.device = torch.device("cpu"),
-            loaders: Optional[dict] = None) -> DataLoader:
+            loaders: Optional[dict] = None, work_s: Optional[float] = None) -> DataLoader:
     """This epoch's batches: shuffled from (seed, epoch), items indexed (epoch, i); under torchrun each
-    rank a disjoint shard. The loader of ``batch_size`` in ``loaders`` is reused (its workers persist)."""
+    rank a disjoint shard. The loader of ``batch_size`` in ``loaders`` is reused (its workers persist).
+    ``work_s``: the whole training's input time, as `resolve_workers` takes it."""
     loaders = {} if loaders is None else loaders
     if batch_size not in loaders:
-        loaders[batch_size] = training_loader(dataset, batch_size, cfg.seed, cfg.num_workers, device, distributed.active())
+        loaders[batch_size] = training_loader(dataset, batch_size, cfg.seed, cfg.num_workers, device, distributed.active(),
+                                              work_s)
     loaders[batch_size].sampler.set_epoch(epoch)
     return loaders[batch_size]
 

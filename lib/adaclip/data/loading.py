@@ -9,29 +9,44 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from typing import Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
 MAX_WORKERS = 8
+# below this much serial input work (seconds), starting workers costs more than they save: a small
+# evaluation (the embedded sample, a test) runs in the main process
+MIN_WORK_S = 1.0
 
 
 def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def resolve_workers(num_workers: Optional[int], batches: Optional[int] = None) -> int:
+def resolve_workers(num_workers: Optional[int], batches: Optional[int] = None, work_s: Optional[float] = None) -> int:
     """``num_workers`` as configured, or when None one per core this process may use (at most
-    MAX_WORKERS; none on a single core), and never more than there are batches to overlap with the
-    first one (a single batch gains nothing from a worker)."""
+    MAX_WORKERS; none on a single core), never more than there are batches to overlap with the
+    first one (a single batch gains nothing from a worker), and none when the whole input would take
+    the main process less than MIN_WORK_S (``work_s``, from `input_seconds`)."""
     if num_workers is not None:
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0 or None (automatic), got {num_workers}")
         return int(num_workers)
+    if work_s is not None and work_s < MIN_WORK_S:
+        return 0
     cores = available_cores()
     n = 0 if cores <= 1 else min(MAX_WORKERS, cores)
     return n if batches is None else max(0, min(n, batches - 1))
+
+
+def input_seconds(dataset: Dataset, index, items: int) -> float:
+    """About how long the main process would take to load ``items`` items: one (``dataset[index]``)
+    timed, times ``items``. A first read from disk only makes it larger, never hides work."""
+    start = time.perf_counter()
+    dataset[index]
+    return (time.perf_counter() - start) * items
 
 
 def loader_options(workers: int, device: torch.device, persistent: bool = False) -> dict:
@@ -89,10 +104,10 @@ class EpochSampler(Sampler):
 
 
 def training_loader(dataset: Dataset, batch_size: int, seed: int, num_workers: Optional[int],
-                    device: torch.device, distributed: bool = False) -> DataLoader:
+                    device: torch.device, distributed: bool = False, work_s: Optional[float] = None) -> DataLoader:
     """One loader for all epochs of a stage (workers persist, with their decoded-image caches):
-    ``loader.sampler.set_epoch(e)`` before each epoch."""
+    ``loader.sampler.set_epoch(e)`` before each epoch. ``work_s``: as `resolve_workers`."""
     sampler = EpochSampler(len(dataset), seed, distributed)
-    workers = resolve_workers(num_workers, -(-len(sampler) // batch_size))
+    workers = resolve_workers(num_workers, -(-len(sampler) // batch_size), work_s)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                       **loader_options(workers, device, persistent=True))
