@@ -105,6 +105,7 @@ def run(method: str = "adaclip", backbone: Optional[str] = None, image_size: Opt
     for col in ("image", "mask"):                      # the files in the OS cache: no run pays the first read
         for rel in set(df[col]) - {""}:
             (root / rel).read_bytes()
+
     def best(f, *settings) -> list[float]:
         """The best time of each setting, the settings taking turns (a slow spell hits all alike)."""
         times = [[f(*a) for a in settings] for _ in range(max(1, repeat))]

@@ -217,9 +217,10 @@ class MapWriter:
             key = (self.df.at[i, "dataset"], self.df.at[i, "category"])
             if has_mask[j] and self.cflow:
                 self.cflow[key].update(maps[j], masks[j], regions[j] if regions else None)
-                self.left[key] -= 1
-                if self.left[key] == 0:
-                    self.finished[key] = _cflow_aupro(self.cflow[key])
+                if key in self.left:                       # else (under torchrun) counted after the loop
+                    self.left[key] -= 1
+                    if self.left[key] == 0:
+                        self.finished[key] = _cflow_aupro(self.cflow[key])
             if self.maps_dir is not None:
                 with atomic_path(self.maps_dir / f"{i:06d}.npz") as tmp:
                     with open(tmp, "wb") as f:

@@ -54,11 +54,16 @@ def _tensor(x) -> torch.Tensor:
     return torch.from_numpy(x if x.flags.writeable else x.copy())
 
 
-def _pinned_cat(parts: list[torch.Tensor]) -> torch.Tensor:
-    """``torch.cat`` into page-locked memory when CUDA is present, so that the copy to the device
-    need not wait (a plain host tensor's copy does)."""
-    out = torch.empty(sum(len(p) for p in parts), dtype=parts[0].dtype, pin_memory=torch.cuda.is_available())
-    return torch.cat(parts, out=out)
+def _flat_regions(regions: list, area: int, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's `region_weights` as one pair: the anomalous pixels' indices into the flattened batch
+    (images of ``area`` pixels) and their float64 weights. ``pin``: in page-locked memory (when CUDA
+    is present), so that the copy to the device need not wait (a plain host tensor's copy does)."""
+    def cat(parts: list[torch.Tensor]) -> torch.Tensor:
+        out = torch.empty(sum(len(p) for p in parts), dtype=parts[0].dtype, pin_memory=pin and torch.cuda.is_available())
+        return torch.cat(parts, out=out)
+
+    return (cat([_tensor(p).reshape(-1) + j * area for j, (p, _, _) in enumerate(regions)]),
+            cat([_tensor(w).reshape(-1).double() for _, w, _ in regions]))
 
 
 def region_weights(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
@@ -166,9 +171,8 @@ class PixelAccumulator:
         np.subtract.at(neg, anomalous, 1)
         np.add.at(pos, anomalous, 1)
         if regions:
-            pixels = np.concatenate([np.asarray(p).reshape(-1) + j * area for j, (p, _, _) in enumerate(regions)])
-            weights = np.concatenate([np.asarray(w, np.float64).reshape(-1) for _, w, _ in regions])
-            np.add.at(self.pro.numpy(), b[pixels], weights)
+            pixels, weights = _flat_regions(regions, area)
+            np.add.at(self.pro.numpy(), b[pixels.numpy()], weights.numpy())
 
     def _update_device(self, scores: torch.Tensor, mask: torch.Tensor, regions, area: int) -> None:
         """torch where the maps are, nothing read back: ``bincount`` into one histogram of 2 x bins
@@ -180,9 +184,8 @@ class PixelAccumulator:
         b = (scores * self.bins).to(torch.int32).clamp_(0, self.bins - 1)
         self.hist.view(-1).add_(torch.bincount(b + mask.to(torch.int32) * self.bins, minlength=2 * self.bins))
         if regions:
-            pixels = _pinned_cat([_tensor(p).reshape(-1) + j * area for j, (p, _, _) in enumerate(regions)])
+            pixels, weights = _flat_regions(regions, area, pin=True)
             if len(pixels):
-                weights = _pinned_cat([_tensor(w).reshape(-1).double() for _, w, _ in regions])
                 index = b[pixels.to(self.device, non_blocking=True)]
                 self.pro.add_(torch.bincount(index, weights.to(self.device, non_blocking=True), minlength=self.bins))
 
