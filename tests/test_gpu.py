@@ -19,7 +19,8 @@ import torch
 from adaclip import AdaCLIP, AdaCLIPConfig, EvalCfg
 from adaclip.data import build_manifest
 from adaclip.data.registry import resolve_root
-from adaclip.evaluate import autocast, evaluate
+from adaclip.evaluate import evaluate
+from adaclip.precision import autocast
 from adaclip.methods.losses import adaclip_loss
 
 assert torch.cuda.is_available(), "torch sees no CUDA device"

@@ -29,6 +29,7 @@ from . import methods
 from .backbone import encode_image
 from .methods import Targets
 from .metrics import PixelAccumulator
+from .precision import autocast
 
 
 def _timed(fn, device, repeats: int) -> float:
@@ -66,12 +67,8 @@ def reset_peak_memory(device) -> None:
         pass
 
 
-def _amp(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-
-
 def _step(model, opt, x, names, masks, labels, device):
-    with _amp(device):
+    with autocast(device):
         out = model(x, names, targets=Targets(labels, masks, torch.ones_like(labels, dtype=torch.bool)))
     opt.zero_grad()
     out.loss.backward()
@@ -87,7 +84,7 @@ def measure(kind: str, method: str, cfg, batch_size: int, device: str, checkpoin
     x, names = torch.randn(batch_size, 3, size, size, device=dev), ["bottle"] * batch_size
     reset_peak_memory(dev)
     if kind == "infer":
-        with torch.no_grad(), _amp(dev):
+        with torch.no_grad(), autocast(dev):
             model.eval()(x, names)
     else:
         opt = torch.optim.AdamW(model.learnable_parameters(), lr=0.01, betas=(0.5, 0.999))
@@ -124,7 +121,7 @@ def run(backbone: Optional[str] = None, image_size: Optional[int] = None, batch_
     names = ["bottle"] * N
     rows = [("config", f"{method}: {backbone} @ {image_size}, batch {N}, weights "
                        f"{'random' if pretrained is None else pretrained}, {device}, torch threads {torch.get_num_threads()}")]
-    with torch.no_grad(), _amp(dev):
+    with torch.no_grad(), autocast(dev):
         floor1 = _timed(lambda: visual(x[:1]), dev, repeats)
         floor = _timed(lambda: visual(x), dev, repeats)
         t1 = _timed(lambda: model(x[:1], names[:1]), dev, repeats)

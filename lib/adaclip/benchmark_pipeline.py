@@ -27,6 +27,7 @@ from .data.loading import loader_options, resolve_workers
 from .data.sample import SAMPLE_ROOT
 from .evaluate import evaluate
 from .metrics import CflowAupro, PixelAccumulator
+from .precision import autocast
 
 
 def _sync(device: torch.device) -> None:
@@ -142,7 +143,7 @@ def run(method: str = "adaclip", backbone: Optional[str] = None, image_size: Opt
              ("input + metrics (evaluate, forward replaced), 0 workers", _rate(len(df), t_im0))]
 
     x, names = torch.randn(batch_size, 3, size, size, device=dev), ["bottle"] * batch_size
-    with torch.no_grad(), (torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)):
+    with torch.no_grad(), autocast(dev):
         model(x, names)
         _sync(dev)
         start = time.perf_counter()

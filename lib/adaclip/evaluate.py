@@ -1,7 +1,6 @@
 """Zero-shot evaluation over manifests: metrics.csv, scores.csv and (optionally) anomaly maps."""
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from .data.loading import input_seconds, loader_options, resolve_workers, torch_
 from .fewshot import draw_references, memory_from_references, reference_list
 from .io import atomic_path, write_csv, write_json
 from .metrics import METRIC_KEYS, CflowAupro, PixelAccumulator, image_metrics, mean_row, summarize
+from .precision import autocast
 from .runs import update_config, weights_note
 
 PathLike = Union[str, Path]
@@ -35,13 +35,6 @@ class EvalResult:
     metrics: pd.DataFrame   # one row per dataset/category, a mean row per dataset (and overall)
     scores: pd.DataFrame    # one row per image: score, label, F1-optimal decision
     pixel_curves: Optional[pd.DataFrame] = None   # ROC / PR points from the pixel histograms (with run_dir)
-
-
-def autocast(device: torch.device, enabled: bool = True):
-    """bf16 autocast on CUDA; nothing on CPU (the reference's fp16 rounding is not reproduced)."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def as_manifest(manifests) -> pd.DataFrame:

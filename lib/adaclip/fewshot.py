@@ -14,13 +14,13 @@ from typing import Optional
 import pandas as pd
 import torch
 
+from .data import AnomalyDataset
+from .precision import autocast
+
 
 def memory_from_references(model, drawn: dict, root):
     """The method's few-shot memory of every category's references: ``drawn`` maps (dataset, category)
     to manifest rows (see `draw_references`) whose paths are relative to ``root``."""
-    from .data import AnomalyDataset
-    from .evaluate import autocast
-
     memory = model.few_shot_memory()
     for (name, category), rows in drawn.items():
         refs = AnomalyDataset(rows, root, model.transform, model.image_size)
