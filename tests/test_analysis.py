@@ -82,16 +82,22 @@ def test_best_value_is_bold_in_every_format(tmp_path):
 def test_published_numbers_ship_with_the_package():
     published = analysis.published_results()
     assert {"method", "dataset", "trained_on", "source", *METRIC_KEYS} <= set(published.columns)
-    assert len(published) == 147 and published.source.notna().all()
+    assert len(published) == 162 and published.source.notna().all() and (published.source != "").all()
     row = published[(published.method == "AdaCLIP") & (published.dataset == "visa")].iloc[0]
     assert row.image_auroc == 85.8 and row.pixel_auroc == 95.5 and "Table 1" in row.source
-    # unquoted commas in AA-CLIP's source text stay in the source, not in other columns
+    # AA-CLIP's source text holds quoted commas: they stay in the source, not in other columns
     aaclip = published[(published.method == "AA-CLIP") & (published.dataset == "mvtec")].iloc[0]
     assert aaclip.image_auroc == 90.47 and aaclip.source.endswith("epoch 15; a re-run log, not the paper)")
     # every published AUPRO is the cflow variant: filed under pixel_aupro_cflow, never pixel_aupro
     crane = published[(published.method == "AdaCLIP") & published.source.str.startswith("Crane")]
     assert crane.set_index("dataset").loc["visa", "pixel_aupro_cflow"] == 72.9
     assert published.pixel_aupro.isna().all()
+    glocal = published[published.method == "GlocalCLIP"].set_index("dataset")
+    assert len(glocal) == 15 and glocal.loc["mvtec", "pixel_aupro_cflow"] == 82.8
+    assert glocal.loc["mvtec", "trained_on"] == "visa" and (published.trained_on.map(type) == str).all()
+    # the plain reader agrees: nothing is hidden in extra fields
+    plain = pd.read_csv(analysis.PUBLISHED)
+    assert plain.shape == (162, 11) and plain.image_auroc.equals(published.image_auroc)
     if SHARED_PUBLISHED.is_file():
         assert analysis.PUBLISHED.read_text() == SHARED_PUBLISHED.read_text()
 
@@ -100,6 +106,10 @@ def test_published_file_with_a_short_line_is_named(tmp_path):
     bad = tmp_path / "results.csv"
     bad.write_text(analysis.PUBLISHED.read_text().splitlines()[0] + "\nAdaCLIP,visa,mvtec,85.8\n")
     with pytest.raises(ValueError, match=r"results.csv: line\(s\) \[2\]"):
+        analysis.published_results(bad)
+    header = analysis.PUBLISHED.read_text().splitlines()[0]
+    bad.write_text(header + "\nAdaCLIP,visa,mvtec,85.8,,,,,,,a source, with an unquoted comma\n")
+    with pytest.raises(ValueError, match=r"line\(s\) \[2\] do not have the header's 11 fields \(quote"):
         analysis.published_results(bad)
 
 

@@ -31,7 +31,7 @@ PUBLISHED = Path(__file__).parent / "published" / "results.csv"
 METRIC_NAMES = {"image_auroc": "I-AUROC", "image_ap": "I-AP", "image_f1": "I-F1max", "pixel_auroc": "P-AUROC",
                 "pixel_ap": "P-AP", "pixel_f1": "P-F1max", "pixel_aupro": "AUPRO", "pixel_aupro_cflow": "AUPRO (cflow)"}
 # sources whose AUPRO is the cflow-style variant (published/README.md): filed under pixel_aupro_cflow
-CFLOW_AUPRO_SOURCES = ("Crane (arXiv 2504.11055)", "AnomalyCLIP paper")
+CFLOW_AUPRO_SOURCES = ("Crane (arXiv 2504.11055)", "AnomalyCLIP paper", "GlocalCLIP paper")
 UNDEFINED = "—"                          # how an undefined (NaN) value reads, in tables and in text alike
 TRAINING_FREE = "none (training-free)"
 MISMATCH = "≠"                          # published model trained on other auxiliary data than ours
@@ -88,7 +88,7 @@ def published_name(method: str) -> Optional[str]:
     published numbers of its own (the `clip` and `linear` baselines), which is compared with none."""
     from . import methods
 
-    return methods.get(method).published_name if method in methods.REGISTRY else None
+    return methods.get(method).published_name if method in methods.available() else None
 
 
 def method_of(config: dict) -> str:
@@ -377,22 +377,21 @@ def write_table(table: pd.DataFrame, stem: PathLike, digits: int = 1, caption: s
 def published_results(path: PathLike = PUBLISHED) -> pd.DataFrame:
     """The published numbers (percent), one row per method, dataset and source.
 
-    ``source`` is the last column and free text: a line with more fields than the header keeps the
-    rest of the line as its source (six rows of the reference table have unquoted commas there).
     Cflow-style AUPRO cells (`CFLOW_AUPRO_SOURCES`) move to ``pixel_aupro_cflow``, so that they pair
     with evaluation's ``pixel_aupro_cflow`` and never with MVTec AD's ``pixel_aupro``.
     """
+    text = ["method", "dataset", "trained_on", "source"]
     with open(path, newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader)
-        if header[-1] != "source":
-            raise ValueError(f"{path}: the last column must be 'source', got header {header}")
-        rows = [r[:len(header) - 1] + [",".join(r[len(header) - 1:])] for r in reader if r]
-    short = [i + 2 for i, r in enumerate(rows) if len(r) < len(header)]
-    if short:
-        raise ValueError(f"{path}: line(s) {short} have fewer than the header's {len(header)} fields")
-    df = pd.DataFrame(rows, columns=header)
-    numeric = [c for c in header if c not in ("method", "dataset", "trained_on", "source")]
+        lines = list(csv.reader(f))
+    header = lines[0] if lines else []
+    if header[:3] != text[:3] or header[-1:] != ["source"]:
+        raise ValueError(f"{path}: the columns must start with {text[:3]} and end with 'source', got {header}")
+    wrong = [i + 1 for i, r in enumerate(lines) if r and len(r) != len(header)]
+    if wrong:
+        raise ValueError(f"{path}: line(s) {wrong[:10]} do not have the header's {len(header)} fields "
+                         f"(quote source cells that contain a comma)")
+    df = pd.read_csv(path, dtype={c: str for c in text}, keep_default_na=False)
+    numeric = [c for c in df.columns if c not in text]
     df[numeric] = df[numeric].replace("", np.nan).astype(float)
     cflow = df.source.str.startswith(CFLOW_AUPRO_SOURCES)
     df["pixel_aupro_cflow"] = df.pixel_aupro.where(cflow)
