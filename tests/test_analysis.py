@@ -171,6 +171,22 @@ def test_paper_table_sets_each_run_beside_its_own_published_columns(tmp_path):
     assert "—" in md and "nan" not in md.lower()                              # undefined reads — everywhere
 
 
+def test_a_published_mean_over_fewer_datasets_is_not_set_beside_ours(tmp_path):
+    """The run averages VisA and GLASS; the papers report VisA only: their mean would average other
+    datasets than ours, so it is left blank (the VisA cell itself stays)."""
+    (tmp_path / "a").mkdir()
+    _metrics("a", {("visa", "mean"): {"image_auroc": 0.7}, ("glass", "glass"): {"image_auroc": 0.9}}).drop(
+        columns="run").to_csv(tmp_path / "a" / "metrics.csv", index=False)
+    (tmp_path / "a" / "config.json").write_text(json.dumps(
+        {"backbone_weights": "random", "model": {"method": "adaclip", "backbone": {}}, "trained_on": "mvtec+colondb"}))
+    runs = analysis.load_runs(tmp_path, ["a"])
+    table = analysis.paper_table(runs.metrics, published=analysis.published_results(), info=analysis.run_info(runs),
+                                 metrics_shown=["image_auroc"])
+    paper = ("image_auroc", "AdaCLIP · AdaCLIP paper [mvtec+colondb]")
+    assert table.loc["visa", paper] == 85.8 and np.isnan(table.loc["glass", paper])
+    assert np.isnan(table.loc["mean", paper]) and table.loc["mean", ("image_auroc", "a [mvtec+colondb]")] == pytest.approx(80)
+
+
 def test_summary_has_tables_figures_weights_and_versions(tmp_path):
     runs = _runs(tmp_path)
     (tmp_path / "a" / "figures").mkdir()
