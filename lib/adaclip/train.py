@@ -28,14 +28,21 @@ from .config import EvalCfg, TrainCfg
 from .data import AnomalyDataset, ManifestError, check, check_disjoint
 from .data.cache import ImageCache
 from .data.loading import input_seconds, resolve_workers, training_loader
-from .evaluate import as_manifest, autocast, evaluate
+from .evaluate import as_manifest, evaluate
 from .io import atomic_path
 from .methods import Method, Targets
 from .methods.checkpoint import load_state, read as read_checkpoint
+from .precision import autocast
 from .runs import update_config, weights_note
 
 PathLike = Union[str, Path]
 LOG_FIELDS = ["epoch", "stage", "step", "loss", "image_focal", "segmentation", "lr"]
+
+
+def log_fields(model) -> list[str]:
+    """train_log.csv's columns: the step, the loss, each named part of the method's loss, the lr."""
+    parts = list(dict.fromkeys(["image_focal", "segmentation", *model.loss_part_names]))
+    return ["epoch", "stage", "step", "loss", *parts, "lr"]
 
 
 def seed_everything(seed: int) -> None:
@@ -112,7 +119,7 @@ def train(model_cfg, train_cfg: Union[TrainCfg, dict], train_manifests,
         if main:
             run_dir.mkdir(parents=True, exist_ok=True)
             with atomic_path(run_dir / "train_log.csv") as tmp:
-                pd.DataFrame(columns=LOG_FIELDS).to_csv(tmp, index=False)
+                pd.DataFrame(columns=log_fields(model)).to_csv(tmp, index=False)
             model.save(run_dir / "model.pt", epoch=0, selection="none")
             update_config(run_dir, **what_ran, selected_epoch=None, selection="none (training-free: nothing to learn)")
         distributed.barrier()
@@ -177,7 +184,7 @@ def train(model_cfg, train_cfg: Union[TrainCfg, dict], train_manifests,
     new_log = not log_path.is_file()
     run_dir.mkdir(parents=True, exist_ok=True)
     with (open(log_path, "a", newline="") if main else contextlib.nullcontext()) as log_file:
-        writer = csv.DictWriter(log_file, fieldnames=LOG_FIELDS) if main else None
+        writer = csv.DictWriter(log_file, fieldnames=log_fields(model)) if main else None
         if main and new_log:
             writer.writeheader()
         for epoch in range(start_epoch, total):

@@ -7,9 +7,10 @@
 >>> m.load_official_checkpoint("mvtec_pretrained.pth")                # the reference's own release file
 >>> out = m(images, class_names)                                      # out.image_scores (B,), out.pixel_scores (B, S, S)
 
-A method is added by adding a module with a config dataclass and a `Method` subclass, and listing the
-class in `REGISTRY`; the harness (training, evaluation, few-shot, prediction, export, sweeps, the
-notebooks) needs nothing else.
+A method is a module with a config dataclass and a `Method` subclass decorated with `register`
+(here, or in another installed package that declares it under the ``adaclip.methods`` entry point:
+`registry.py`); the harness (training, evaluation, few-shot, prediction, export, sweeps, the
+notebooks) needs nothing else. ``tests/test_method_contract.py`` checks every registered method.
 """
 from __future__ import annotations
 
@@ -24,39 +25,13 @@ from .base import Method, MethodOutput, Targets
 from .checkpoint import CheckpointError, load
 from .clip import CLIPBaseline, CLIPConfig
 from .crane import Crane, CraneConfig
+from .glocalclip import GlocalCLIP, GlocalCLIPConfig
 from .linear import LinearBaseline, LinearConfig
+from .registry import REGISTRY, available, get, name_of, register
 from .winclip import WinCLIP, WinCLIPConfig
 
-REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (AACLIP, AdaCLIP, AnomalyCLIP, APRILGAN, CLIPBaseline,
-                                                                Crane, LinearBaseline, WinCLIP)}
 # notebook parameters that are fields of every method's backbone
 BACKBONE_PARAMS = {"backbone": "name", "pretrained": "pretrained", "image_size": "image_size", "quick_gelu": "quick_gelu"}
-# notebook parameters of one method's own config (dotted paths)
-METHOD_PARAMS = {
-    "adaclip": {"prompt_depth": "prompts.depth", "prompt_length": "prompts.length", "prompt_type": "prompts.type",
-                "prompt_branch": "prompts.branch", "use_hsf": "fusion.use_hsf", "k_clusters": "fusion.k_clusters"},
-}
-
-
-def available() -> list[str]:
-    """The registered method names, sorted."""
-    return sorted(REGISTRY)
-
-
-def get(name: str) -> type[Method]:
-    if name not in REGISTRY:
-        raise ValueError(f"unknown method {name!r}; available: {available()}")
-    return REGISTRY[name]
-
-
-def name_of(cfg) -> str:
-    """The registered method whose config ``cfg`` is; a dict names it under "method" (default AdaCLIP)."""
-    if isinstance(cfg, dict):
-        return cfg.get("method", "adaclip")
-    for name, cls in REGISTRY.items():
-        if type(cfg) is cls.config_class:
-            return name
-    raise ValueError(f"{type(cfg).__name__} is no registered method's config; available: {available()}")
 
 
 def config(method: str, cfg=None, **fields):
@@ -97,7 +72,7 @@ def from_official(name: str, path, **overrides) -> Method:
 def config_from_params(method: str, **params) -> tuple:
     """A notebook's flat parameters -> (config, names that do not apply to this method). ``None``
     keeps the method's own value (its paper's setting)."""
-    mapping = {**BACKBONE_PARAMS, **METHOD_PARAMS.get(method, {})}
+    mapping = {**BACKBONE_PARAMS, **get(method).notebook_params}
     fields, unused = {}, []
     for key, value in params.items():
         if key not in mapping:
@@ -113,7 +88,9 @@ def train_config(name: str, **overrides) -> TrainCfg:
     return TrainCfg.from_dict(recipe)
 
 
-__all__ = ["available", "get", "config", "create", "load", "from_official", "config_from_params", "train_config",
+__all__ = ["available", "get", "register", "name_of", "config", "create", "load", "from_official", "config_from_params",
+           "train_config",
            "Method", "MethodOutput", "Targets", "CheckpointError", "REGISTRY", "AdaCLIP", "AdaCLIPConfig", "PromptCfg",
            "FusionCfg", "APRILGAN", "APRILGANConfig", "CLIPBaseline", "CLIPConfig", "LinearBaseline", "LinearConfig",
-           "WinCLIP", "WinCLIPConfig", "AnomalyCLIP", "AnomalyCLIPConfig", "Crane", "CraneConfig", "AACLIP", "AACLIPConfig"]
+           "WinCLIP", "WinCLIPConfig", "AnomalyCLIP", "AnomalyCLIPConfig", "Crane", "CraneConfig", "AACLIP", "AACLIPConfig",
+           "GlocalCLIP", "GlocalCLIPConfig"]

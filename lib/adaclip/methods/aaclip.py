@@ -59,6 +59,7 @@ from . import checkpoint
 from .base import Method, MethodOutput, PathLike, Stage, Targets, full_precision
 from .ensembles import class_text, sentences
 from .losses import dice_loss, focal_loss
+from .registry import register
 
 NORMAL = ("{}", "a {}", "the {}")
 ABNORMAL = ("a damaged {}", "a broken {}", "a {} with flaw", "a {} with defect", "a {} with damage")
@@ -145,6 +146,7 @@ def reflect_blur(x: torch.Tensor, kernel: int, sigma: float) -> torch.Tensor:
     return F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), g.view(1, 1, 1, -1))
 
 
+@register
 class AACLIP(Method):
     name = "aaclip"
     config_class = AACLIPConfig

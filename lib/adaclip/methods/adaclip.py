@@ -43,6 +43,7 @@ from .adaclip_prompts import HybridPrompts
 from .base import Method, MethodOutput, PathLike, Targets, full_precision
 from .ensembles import NORMAL_STATES, TEMPLATES, state_sentences
 from .losses import adaclip_loss
+from .registry import register
 from .shared import PatchMemory, StateEnsemble, mean_logit_map
 
 AdaCLIPOutput = MethodOutput     # the name this model's output had before the methods package
@@ -115,6 +116,7 @@ class AdaCLIPConfig(ConfigBase):
                    fusion=FusionCfg(k_clusters=3))
 
 
+@register
 class AdaCLIP(Method):
     """Frozen CLIP (``self.clip``) plus the learnable parts: prompts and projections.
 
@@ -132,6 +134,8 @@ class AdaCLIP(Method):
     learns = "static and dynamic prompts in both encoders, patch and class projections"
     supports_few_shot = True
     train_defaults = dict(epochs=5, batch_size=1, lr=0.01, betas=(0.5, 0.999), optimizer="adamw", aug_rate=0.0)
+    notebook_params = {"prompt_depth": "prompts.depth", "prompt_length": "prompts.length", "prompt_type": "prompts.type",
+                       "prompt_branch": "prompts.branch", "use_hsf": "fusion.use_hsf", "k_clusters": "fusion.k_clusters"}
 
     def __init__(self, cfg: Optional[AdaCLIPConfig] = None, clip: Optional[nn.Module] = None,
                  device: Optional[str] = None):
@@ -177,6 +181,10 @@ class AdaCLIP(Method):
             raise checkpoint.CheckpointError(f"{path} holds method {model.name!r}, not AdaCLIP: load it with "
                                              f"adaclip.methods.load('{path}')")
         return model
+
+    @classmethod
+    def tiny_config(cls, **backbone) -> AdaCLIPConfig:
+        return AdaCLIPConfig.tiny(**backbone)
 
     @classmethod
     def official_config(cls, **overrides) -> AdaCLIPConfig:

@@ -42,6 +42,7 @@ from ..config import BackboneCfg, ConfigBase
 from . import checkpoint
 from .base import Method, MethodOutput, PathLike, Targets, full_precision
 from .losses import dice_loss, focal_loss
+from .registry import register
 from .shared import gaussian_blur
 
 SENTENCES = ("X X X X X X X X X X X X object.", "X X X X X X X X X X X X damaged object.")   # normal, abnormal
@@ -70,6 +71,7 @@ class AnomalyCLIPConfig(ConfigBase):
                 raise ValueError("AnomalyCLIP needs at least one side-path layer")
 
 
+@register
 class AnomalyCLIP(Method):
     name = "anomalyclip"
     config_class = AnomalyCLIPConfig
@@ -92,12 +94,16 @@ class AnomalyCLIP(Method):
             raise ValueError(f"layers {cfg.layers} must lie in {cfg.side_from}..{n_vis} (the side path)")
         if cfg.deep_depth > n_txt:
             raise ValueError(f"deep prompt depth {cfg.deep_depth} exceeds the text tower's {n_txt} blocks")
-        width = self.clip.transformer.width
+        self.build_text_prompts(self.clip.transformer.width)
+
+    def build_text_prompts(self, width: int) -> None:
+        """The learned contexts (``ctx``), the deep text prompts (``deep``) and the sentences' token ids."""
+        cfg = self.cfg
         self.ctx = nn.Parameter(torch.empty(2, cfg.n_ctx, width).normal_(std=0.02))   # [normal, abnormal]
         self.deep = nn.ParameterList([nn.Parameter(torch.empty(cfg.deep_length, width).normal_(std=0.02))
                                       for _ in range(cfg.deep_depth - 1)])
         tokens = open_clip.get_tokenizer(cfg.backbone.name)(list(self.sentences()))
-        self.register_buffer("tokens", tokens, persistent=False)                          # (2, T)
+        self.register_buffer("tokens", tokens, persistent=False)                          # (sentences, T)
 
     @classmethod
     def default_quick_gelu(cls, cfg) -> bool:
@@ -122,7 +128,8 @@ class AnomalyCLIP(Method):
         return [torch.zeros_like(deep[0]), *deep] if deep else []
 
     def text_features(self, class_names: Sequence[str] = (), image_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(G, D, 2) normalised [normal, abnormal] features; no class name enters the sentences."""
+        """(G, D, 2) normalised [normal, abnormal] features (one column per sentence); no class name
+        enters the sentences."""
         emb, tokens = self.prompt_embeddings(image_tokens)
         prompts = [p[None] for p in self.deep_prompts()] or None
         feats = encode_text(self.clip, tokens, prompts, embeddings=emb, length=int(tokens.argmax(-1).max()) + 1)
@@ -183,11 +190,12 @@ class AnomalyCLIP(Method):
         text = text.expand(images.shape[0], -1, -1) if text.shape[0] == 1 else text
         with full_precision(images.device):
             text = text.float()
-            probs = self.layer_probs(patches, text)                                      # (B, 2, G, G) each
+            map_text, score_text = self.split_text(text)
+            probs = self.layer_probs(patches, map_text)                                  # (B, 2, G, G) each
             maps = [self.upsample(p) for p in probs]                                     # (B, 2, S, S) each
             raw = torch.stack([m[:, 1] for m in maps]).mean(0)                           # (B, S, S)
             pixel = gaussian_blur(raw, self.cfg.smoothing_sigma)
-            image = self.image_probs(feature, patches, probs, text, self.cfg.temperature)
+            image = self.image_probs(feature, patches, probs, score_text, self.cfg.temperature)
         out = MethodOutput(image[:, 1], pixel, image, maps if return_layer_maps else None,
                            patches if return_tokens else None,
                            {"raw_pixel_scores": raw} if return_details else None)
@@ -199,9 +207,14 @@ class AnomalyCLIP(Method):
         """The text features a forward uses: static for AnomalyCLIP (one pair for every image)."""
         return self.text_features()
 
+    def split_text(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the [normal, abnormal] pair that makes the map, the pair that scores the image): one pair
+        for both here (GlocalCLIP has a local and a global one)."""
+        return text, text
+
     def loss(self, feature, patches, probs, text, targets: Targets):
         """CE(<g, T> / 0.07, y) + seg_weight x Σ layers [focal + Dice(abnormal, m) + Dice(normal, 1 - m)]."""
-        logits = torch.einsum("bd,bdc->bc", feature.float(), text) / self.cfg.temperature
+        logits = torch.einsum("bd,bdc->bc", feature.float(), self.split_text(text)[1]) / self.cfg.temperature
         image = F.cross_entropy(logits, targets.labels.long())
         has = targets.has_mask
         seg = torch.zeros((), device=image.device)

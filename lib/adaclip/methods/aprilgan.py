@@ -40,6 +40,7 @@ from . import checkpoint
 from .base import Method, MethodOutput, PathLike, Targets, full_precision, replace
 from .ensembles import ABNORMAL_STATES, APRILGAN_TEMPLATES, NORMAL_STATES, class_text, sentences
 from .losses import dice_loss, focal_loss
+from .registry import register
 from .shared import StateEnsemble, clip_class_probs, gaussian_blur, patch_map
 
 ZERO_SHOT_BOUND, FEW_SHOT_BOUND = 4.0, 12.0   # the reference map's upper bounds: 4 layers; + 4 distances <= 2
@@ -58,6 +59,7 @@ class APRILGANConfig(ConfigBase):
             raise ValueError(f"few_shot_image_score must be 'fixed' or 'test_minmax', got {self.few_shot_image_score!r}")
 
 
+@register
 class APRILGAN(Method):
     name = "aprilgan"
     config_class = APRILGANConfig

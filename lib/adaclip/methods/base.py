@@ -14,7 +14,6 @@ divided by its upper bound: every metric is unchanged, as they only rank). With 
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from torch import nn
 
 from ..backbone import build_clip, build_transform, config_quick_gelu, patch_size
 from ..backbone.clip import Normalizer
+from ..precision import full_precision  # noqa: F401  (the methods' name for it)
 
 PathLike = Union[str, Path]
 
@@ -81,6 +81,10 @@ class Method(nn.Module):
     supports_few_shot: ClassVar[bool] = False
     # its training recipe, over TrainCfg's defaults (AdaCLIP's); empty for a training-free method
     train_defaults: ClassVar[dict] = {}
+    # notebook parameters of its own (flat name -> dotted config field), beside the backbone's
+    notebook_params: ClassVar[dict] = {}
+    # the named parts of its loss (MethodOutput.loss_parts), each a column of train_log.csv
+    loss_part_names: ClassVar[tuple] = ("image_focal", "segmentation")
 
     def __init__(self, cfg, clip: Optional[nn.Module] = None, device: Optional[str] = None):
         super().__init__()
@@ -94,6 +98,15 @@ class Method(nn.Module):
         self.random_weights = cfg.backbone.pretrained is None
         self.checkpoint_activations = False      # recompute frozen blocks in backward (training memory)
         self._trained_on: Optional[str] = None
+
+    @classmethod
+    def tiny_config(cls, **backbone):
+        """The method at test scale: a tiny randomly initialised backbone (``adaclip-tiny``, 32 px) and
+        whatever must shrink with it; what the tests, CI's sweeps and the contract test build. A method
+        whose defaults do not fit a 4-layer ViT with a 2-layer text tower overrides it."""
+        own = cls.config_class().backbone.to_dict()                  # the method's own activation, interpolation
+        return cls.config_class.from_dict({"backbone": {**own, "name": "adaclip-tiny", "pretrained": None,
+                                                        "image_size": 32, "out_layers": None, **backbone}})
 
     @classmethod
     def default_quick_gelu(cls, cfg) -> bool:
@@ -218,6 +231,9 @@ class Method(nn.Module):
         if len(class_names) != images.shape[0] or not all(isinstance(c, str) for c in class_names):
             raise ValueError(f"class_names must be one string or {images.shape[0]} strings (one per image), "
                              f"got {len(class_names)} items")
+        empty = [i for i, c in enumerate(class_names) if not c.strip()]
+        if empty:
+            raise ValueError(f"empty class name for image(s) {empty}: name each image's category (e.g. 'bottle')")
         return class_names
 
     def checkpointing(self) -> bool:
@@ -230,14 +246,6 @@ class Method(nn.Module):
 
     def extra_repr(self) -> str:
         return f"method={self.name!r}"
-
-
-def full_precision(device: torch.device):
-    """Leave any autocast region (meta tensors have none): maps and scores in float32, since bf16
-    maps would turn pixel metrics into ties."""
-    if device.type in ("cpu", "cuda"):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def replace(out: MethodOutput, **changes) -> MethodOutput:

@@ -19,6 +19,7 @@ import torch
 
 from ..config import BackboneCfg
 from ..io import atomic_path
+from .registry import get
 
 log = logging.getLogger(__name__)
 FORMAT, VERSION = "adaclip", 3
@@ -78,8 +79,6 @@ def method_and_config(obj: dict, path) -> tuple[str, dict]:
 def load(path, map_location="cpu", **backbone_overrides):
     """The method a checkpoint of ours holds, with its parameters; ``backbone_overrides`` (e.g.
     ``pretrained="/path/ViT-L-14-336px.pt"``) replace fields of the stored backbone config."""
-    from . import get
-
     obj = read(path, map_location)
     if not (isinstance(obj, dict) and obj.get("format") == FORMAT):
         raise CheckpointError(f"{path} is not an adaclip checkpoint (no 'format': 'adaclip'); for a method's "

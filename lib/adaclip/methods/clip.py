@@ -17,6 +17,7 @@ from ..backbone import encode_image, weights_quick_gelu
 from ..config import BackboneCfg, ConfigBase
 from .base import Method, MethodOutput, Targets, full_precision
 from .ensembles import state_sentences
+from .registry import register
 from .shared import PatchMemory, StateEnsemble, clip_class_probs, mean_logit_map
 
 
@@ -26,6 +27,7 @@ class CLIPConfig(ConfigBase):
     smoothing_sigma: float = 4.0          # Gaussian filter on the map, as AdaCLIP's; 0 disables
 
 
+@register
 class CLIPBaseline(Method):
     name = "clip"
     config_class = CLIPConfig

@@ -40,6 +40,7 @@ from ..config import BackboneCfg
 from .anomalyclip import AnomalyCLIP, AnomalyCLIPConfig
 from .base import Targets
 from .losses import dice_loss, focal_loss
+from .registry import register
 
 
 @dataclass
@@ -59,6 +60,7 @@ class CraneConfig(AnomalyCLIPConfig):
             raise ValueError(f"train_upsample must be 'bilinear' or 'nearest', got {self.train_upsample!r}")
 
 
+@register
 class Crane(AnomalyCLIP):
     name = "crane"
     config_class = CraneConfig

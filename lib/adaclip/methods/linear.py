@@ -21,6 +21,7 @@ from ..config import BackboneCfg, ConfigBase
 from .adaclip import adaclip_loss_for
 from .base import Method, MethodOutput, Targets, full_precision
 from .ensembles import state_sentences
+from .registry import register
 from .shared import PatchMemory, StateEnsemble, clip_class_probs, mean_logit_map
 
 
@@ -30,6 +31,7 @@ class LinearConfig(ConfigBase):
     smoothing_sigma: float = 4.0
 
 
+@register
 class LinearBaseline(Method):
     name = "linear"
     config_class = LinearConfig

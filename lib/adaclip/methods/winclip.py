@@ -38,6 +38,7 @@ from ..backbone import config_quick_gelu, embed_image, pool, run_block, weights_
 from ..config import BackboneCfg, ConfigBase
 from .base import Method, MethodOutput, Targets, full_precision, replace
 from .ensembles import NORMAL_STATES, WINCLIP_ABNORMAL_STATES, class_text, sentences, winclip_templates
+from .registry import register
 from .shared import StateEnsemble
 
 
@@ -70,6 +71,7 @@ def window_indices(grid: int, k: int) -> torch.Tensor:
     return F.unfold(g, kernel_size=k, stride=1)[0].T.long()           # (n_win, k²)
 
 
+@register
 class WinCLIP(Method):
     name = "winclip"
     config_class = WinCLIPConfig
