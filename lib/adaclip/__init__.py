@@ -12,12 +12,36 @@ methods hook into), `data/` (manifests, adapters, loading), and the harness at t
 (`train`, `evaluate`, `metrics`, `analysis`, `viz`, `predict`, `export`, `explore`, `pipeline`, `sweep`,
 `benchmark`, `cli`).
 """
-from . import methods
-from .backbone import WeightsUnavailableError, build_transform
-from .config import BackboneCfg, EvalCfg, TrainCfg
-from .methods import AdaCLIP, AdaCLIPConfig, CheckpointError, FusionCfg, Method, MethodOutput, PromptCfg
-from .methods.adaclip import AdaCLIPOutput, build_model
-from .predictor import AdaCLIPPredictor, Predictor
+import importlib
+
+# name -> (module, attribute; None: the module itself). Imported on first use (PEP 562), so that the
+# parts that need no model (manifests, analysis, the sweep and pipeline runners, `adaclip sources`)
+# start without torch and open_clip.
+_LAZY = {
+    "methods": (".methods", None), "Method": (".methods", "Method"), "MethodOutput": (".methods", "MethodOutput"),
+    "AdaCLIP": (".methods", "AdaCLIP"), "AdaCLIPConfig": (".methods", "AdaCLIPConfig"),
+    "PromptCfg": (".methods", "PromptCfg"), "FusionCfg": (".methods", "FusionCfg"),
+    "CheckpointError": (".methods", "CheckpointError"), "AdaCLIPOutput": (".methods.adaclip", "AdaCLIPOutput"),
+    "build_model": (".methods.adaclip", "build_model"), "WeightsUnavailableError": (".backbone", "WeightsUnavailableError"),
+    "build_transform": (".backbone", "build_transform"), "BackboneCfg": (".config", "BackboneCfg"),
+    "EvalCfg": (".config", "EvalCfg"), "TrainCfg": (".config", "TrainCfg"),
+    "AdaCLIPPredictor": (".predictor", "AdaCLIPPredictor"), "Predictor": (".predictor", "Predictor"),
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'adaclip' has no attribute {name!r}")
+    module, attribute = _LAZY[name]
+    value = importlib.import_module(module, __name__)
+    value = value if attribute is None else getattr(value, attribute)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY])
+
 
 __all__ = [
     "methods", "Method", "MethodOutput", "AdaCLIP", "AdaCLIPConfig", "AdaCLIPPredictor", "Predictor", "AdaCLIPOutput",

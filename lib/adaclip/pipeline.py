@@ -7,7 +7,10 @@ training itself resumes from its last epoch).
 
 ``baselines`` (default: APRIL-GAN, WinCLIP and zero-shot CLIP) run notebooks 01 and 02 again with
 ``method=<baseline>`` into ``results/<run>/baselines/<baseline>/``, and notebook 03 compares them
-with the run. Kernels talk over IPC sockets (no unencrypted TCP, no kernel warning in the log).
+with the run. The run's own notebooks (00 first, then 01, 02, 04) and each baseline's 01 -> 02 are
+independent chains after 00, so ``jobs`` of them run at once (default: one per core), and 03 runs
+when all are done; a line per notebook says what started and what finished. Kernels talk over IPC
+sockets (no unencrypted TCP, no kernel warning in the log).
 """
 from __future__ import annotations
 
@@ -17,6 +20,9 @@ import json
 import os
 import shutil
 import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -26,7 +32,8 @@ from traitlets import default
 from .data.registry import REPO_ROOT, results_root
 from .runs import BASELINE_DIR
 
-NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+# the notebooks live in the repository (notebooks/); an installed package is pointed at a clone's
+NOTEBOOK_DIR = Path(os.environ.get("ADACLIP_NOTEBOOK_DIR") or REPO_ROOT / "notebooks")
 # the methods run beside a run (notebooks 01 and 02 into <run>/baselines/<method>/) and compared with it
 DEFAULT_BASELINES = ("aprilgan", "winclip", "clip")
 
@@ -40,19 +47,32 @@ class IPCKernelManager(AsyncKernelManager):
 
     @default("ip")
     def _default_ip(self):
-        return os.path.join(_socket_dir(), "kernel")
+        # a folder per kernel: kernels started at once from several threads never pick the same sockets
+        return os.path.join(tempfile.mkdtemp(dir=_socket_dir()), "kernel")
 
     async def _async_launch_kernel(self, kernel_cmd, **kw):
         # figures inline in the executed copies, whatever backend the caller's environment names
         # (MPLBACKEND=Agg would leave every figure cell of results/<run>/*.ipynb without its figure)
-        kw["env"] = {**(kw.get("env") or os.environ), "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
+        kw["env"] = {**(kw.get("env") or os.environ), "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+                     **getattr(_kernel_env, "extra", {})}
         return await super()._async_launch_kernel(kernel_cmd, **kw)
+
+    async def _async_interrupt_kernel(self):
+        # jupyter_client interrupts every kernel before shutting it down; papermill shuts down only
+        # idle kernels (a timed-out cell was interrupted already), and an idle kernel that receives
+        # SIGINT logs "KeyboardInterrupt caught in kernel": skip that interrupt, keep all others
+        if self.shutting_down:
+            return
+        await super()._async_interrupt_kernel()
 
     @default("shutdown_wait_time")
     def _default_shutdown_wait_time(self):
         # a kernel that frees a model takes a few seconds to exit on a busy machine; the default 5 s
         # ends in an interrupt and "KeyboardInterrupt caught in kernel" in the log
         return 30.0
+
+
+_kernel_env = threading.local()      # extra environment of the kernels this thread starts
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,7 +84,11 @@ def _socket_dir() -> str:
 
 def notebooks() -> list[Path]:
     """The numbered notebooks in reading order."""
-    return sorted(p for p in NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+    found = sorted(p for p in NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+    if not found:
+        raise FileNotFoundError(f"no notebooks in {NOTEBOOK_DIR}: the pipeline runs the repository's notebooks/; "
+                                f"from an installed package set ADACLIP_NOTEBOOK_DIR to a clone's notebooks/ folder")
+    return found
 
 
 def coerce(value: str):
@@ -152,18 +176,72 @@ def plan_pipeline(run: str = "default", params: Optional[dict] = None, notebooks
 
 def run_pipeline(run: str = "default", params: Optional[dict] = None, notebooks_to_run: Optional[Iterable[str]] = None,
                  force: bool = False, kernel: str = "python3", results_dir: Optional[Path] = None,
-                 baselines: Sequence[str] = DEFAULT_BASELINES, **kwargs) -> list[Path]:
+                 baselines: Sequence[str] = DEFAULT_BASELINES, jobs: Optional[int] = None, **kwargs) -> list[Path]:
+    """Execute `plan_pipeline`'s notebooks: those before 01 (00), then the run's chain (01, 02, 04) and
+    each baseline's (01, 02) with ``jobs`` chains at once (None: one per core; 1: in order), then the
+    analysis (03). A notebook already finished with the same parameters is skipped. The first error
+    stops the pipeline once the chains running beside it end; returns the executed copies."""
     import papermill as pm
 
-    written = []
-    for nb, out, given in plan_pipeline(run, params, notebooks_to_run, results_dir, baselines):
+    plan = plan_pipeline(run, params, notebooks_to_run, results_dir, baselines)
+    first = [job for job in plan if job[0].name[:2] < "01"]
+    last = [job for job in plan if job[0].name.startswith("03")]
+    chains: dict[str, list] = {}
+    for job in plan:
+        if job not in first and job not in last:
+            chains.setdefault(job[2]["run_name"], []).append(job)
+    jobs = min(jobs or _cores(), max(1, len(chains)))
+    total, lock, counter, start = len(plan), threading.Lock(), [0], time.perf_counter()
+
+    def say(text: str) -> None:
+        with lock:
+            print(f"[pipeline {time.perf_counter() - start:5.0f}s] {text}", flush=True)
+
+    def execute(nb: Path, out: Path, given: dict) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
+        with lock:
+            counter[0] += 1
+            k = counter[0]
+        where = given["run_name"]
         if not force and finished(out, given):
-            print(f"[pipeline] {nb.name}: already done with these parameters in {out}, skipped (force=True reruns)")
-            written.append(out)
-            continue
-        print(f"[pipeline] {nb.name} -> {out} with {given}")
+            say(f"{k}/{total} {nb.name} ({where}): already done with these parameters, skipped (force=True reruns)")
+            return out
+        say(f"{k}/{total} {nb.name} ({where}) started -> {out}")
+        began = time.perf_counter()
         pm.execute_notebook(str(nb), str(out), parameters=given, kernel_name=kernel, cwd=str(NOTEBOOK_DIR),
                             progress_bar=False, kernel_manager_class=IPCKernelManager, **kwargs)
-        written.append(out)
+        say(f"{k}/{total} {nb.name} ({where}) finished in {time.perf_counter() - began:.1f} s")
+        return out
+
+    failed = threading.Event()
+
+    def chain(jobs_of_chain: list) -> list[Path]:
+        # kernels running beside each other share the cores instead of each taking all of them
+        _kernel_env.extra = {"OMP_NUM_THREADS": str(max(1, _cores() // jobs))} if jobs > 1 else {}
+        done = []
+        for job in jobs_of_chain:
+            if failed.is_set():                      # another chain failed: start nothing new
+                break
+            try:
+                done.append(execute(*job))
+            except BaseException:
+                failed.set()
+                raise
+        return done
+
+    written = [execute(*job) for job in first]
+    if jobs > 1 and len(chains) > 1:
+        say(f"{len(chains)} chains ({', '.join(chains)}), {jobs} at once")
+        with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="pipeline") as pool:
+            futures = [pool.submit(chain, c) for c in chains.values()]
+        for f in futures:                            # all have ended: the first error, if any, is raised
+            written += f.result()
+    else:
+        for c in chains.values():
+            written += chain(c)
+    written += [execute(*job) for job in last]
     return written
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

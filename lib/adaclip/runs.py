@@ -7,8 +7,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Union
 
-import torch
-
 from .io import write_json
 
 BASELINE_DIR = "baselines"     # results/<run>/baselines/<method>/: the baselines the pipeline runs beside a run
@@ -24,6 +22,8 @@ def environment() -> dict:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
+    import torch                     # here: the pipeline and sweep runners import this module without torch
+
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     return {"python": platform.python_version(), "platform": platform.platform(), "device": device, "packages": versions}
 

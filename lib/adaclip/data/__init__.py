@@ -7,7 +7,6 @@ from typing import Optional, Union
 import pandas as pd
 
 from .adapters import ADAPTERS
-from .dataset import AnomalyDataset
 from .images import ImageError, load_image, load_mask, load_row
 from .manifest import (COLUMNS, DATA_ROOT_ENV, ManifestError, check, check_disjoint, counts, data_root,
                        make_manifest, pixel_annotated, read_manifest, read_manifests, validate, write_manifest)
@@ -30,6 +29,15 @@ def build_manifest(dataset: str, root: Union[str, Path, None] = None, folder: Op
     rows = fn(root / (folder or default_folder), root, name or (dataset if dataset != "folder" else Path(folder).name),
               **adapter_kwargs)
     return make_manifest(rows)
+
+
+def __getattr__(name: str):
+    # the torch Dataset on first use: manifests and adapters need no torch
+    if name == "AnomalyDataset":
+        from .dataset import AnomalyDataset
+
+        return AnomalyDataset
+    raise AttributeError(f"module 'adaclip.data' has no attribute {name!r}")
 
 
 __all__ = ["ADAPTERS", "AnomalyDataset", "COLUMNS", "DATA_ROOT_ENV", "ImageError", "ManifestError", "build_manifest",

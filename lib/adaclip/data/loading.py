@@ -15,6 +15,8 @@ from typing import Iterator, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
+from .. import distributed as dist
+
 MAX_WORKERS = 8
 # below this much serial input work (seconds), starting workers costs more than they save: a small
 # evaluation (the embedded sample, a test) runs in the main process
@@ -78,12 +80,14 @@ def torch_threads(n: Optional[int]):
 class EpochSampler(Sampler):
     """Yields ``(epoch, index)``: the order of each epoch drawn from (seed, epoch) (under torchrun
     each rank its disjoint shard, as `DistributedSampler`), the epoch passed on to the dataset for
-    its random draws. Call `set_epoch` before iterating; a persistent loader reads it each epoch."""
+    its random draws. Call `set_epoch` before iterating; a persistent loader reads it each epoch.
+    ``shard``: (rank, world size) of a distributed run (`training_loader` passes torchrun's)."""
 
-    def __init__(self, size: int, seed: int, distributed: bool = False):
+    def __init__(self, size: int, seed: int, shard: Optional[tuple[int, int]] = None):
         self.seed, self.epoch = seed, 0
-        if distributed:
-            self.inner = DistributedSampler(range(size), shuffle=True, seed=seed)
+        if shard is not None:
+            rank, world = shard
+            self.inner = DistributedSampler(range(size), num_replicas=world, rank=rank, shuffle=True, seed=seed)
         else:
             self.generator = torch.Generator()
             self.inner = RandomSampler(range(size), generator=self.generator)
@@ -107,7 +111,7 @@ def training_loader(dataset: Dataset, batch_size: int, seed: int, num_workers: O
                     device: torch.device, distributed: bool = False, work_s: Optional[float] = None) -> DataLoader:
     """One loader for all epochs of a stage (workers persist, with their decoded-image caches):
     ``loader.sampler.set_epoch(e)`` before each epoch. ``work_s``: as `resolve_workers`."""
-    sampler = EpochSampler(len(dataset), seed, distributed)
+    sampler = EpochSampler(len(dataset), seed, (dist.rank(), dist.world_size()) if distributed else None)
     workers = resolve_workers(num_workers, -(-len(sampler) // batch_size), work_s)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                       **loader_options(workers, device, persistent=True))

@@ -1,7 +1,9 @@
 """The manifests committed in ``data_manifests/`` and the data roots they are relative to.
 
 ``regenerate()`` rebuilds them all from the adapters (``make manifests``); a test checks that the
-committed files equal what the adapters produce.
+committed files equal what the adapters produce. Installed from a wheel (no repository around the
+package), the embedded sample's manifests are built from the adapters when first named
+(``"sample/visa.csv"``), and run folders go to ``./results``.
 """
 from __future__ import annotations
 
@@ -13,8 +15,10 @@ from .manifest import data_root
 from .sample import SAMPLE_ROOT
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
+# a source checkout (an editable install) has the package in lib/ beside data_manifests/ and results/
+IN_CHECKOUT = (REPO_ROOT / "pyproject.toml").is_file() and (REPO_ROOT / "lib" / "adaclip").is_dir()
 MANIFEST_DIR = REPO_ROOT / "data_manifests"
-RESULTS_DIR = REPO_ROOT / "results"
+RESULTS_DIR = REPO_ROOT / "results" if IN_CHECKOUT else Path("results")
 RESULTS_ENV = "ADACLIP_RESULTS_DIR"          # where run folders go instead (the tests use a temporary one)
 SHARED_ENV = "ADACLIP_SHARED_DATA"
 
@@ -45,9 +49,25 @@ def results_root() -> Path:
 
 
 def resolve_manifest(path: Union[str, Path]) -> Path:
-    """A manifest path as given, or relative to data_manifests/ (e.g. ``"sample/mvtec.csv"``)."""
+    """A manifest path as given, or relative to data_manifests/ (e.g. ``"sample/mvtec.csv"``). Outside
+    a checkout a committed sample manifest is built from its adapter into a cache folder."""
     p = Path(path)
-    return p if p.is_file() or p.is_absolute() else MANIFEST_DIR / p
+    if p.is_file() or p.is_absolute():
+        return p
+    if (MANIFEST_DIR / p).is_file() or p.as_posix() not in COMMITTED:
+        return MANIFEST_DIR / p
+    return _built(p.as_posix())
+
+
+def _built(rel: str) -> Path:
+    """A committed manifest rebuilt from its adapter (installed without the repository's data_manifests/)."""
+    from . import build_manifest, write_manifest
+
+    adapter, root_name, folder = COMMITTED[rel]
+    out = Path(os.environ.get("ADACLIP_CACHE") or Path.home() / ".cache" / "adaclip") / "manifests" / rel
+    if not out.is_file():
+        write_manifest(build_manifest(adapter, resolve_root(root_name), folder=folder), out)
+    return out
 
 
 def regenerate(out_dir: Union[str, Path] = MANIFEST_DIR, skip_missing: bool = True) -> list[Path]:
