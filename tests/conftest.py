@@ -14,7 +14,12 @@ import torch  # noqa: E402
 from adaclip import AdaCLIP, AdaCLIPConfig  # noqa: E402
 from adaclip.data.registry import RESULTS_DIR, RESULTS_ENV  # noqa: E402
 
-torch.set_num_threads(2)
+# the cores shared out between pytest-xdist's workers (one thread each on 2 cores with -n 2); the results
+# must not depend on it (tolerances are set by what float reordering can do, never by one thread count)
+# (ADACLIP_TEST_THREADS=N forces N, to check exactly that)
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+torch.set_num_threads(int(os.environ.get("ADACLIP_TEST_THREADS") or max(1, _CORES // _WORKERS)))
 
 
 def _listing(folder):
@@ -47,3 +52,14 @@ def tiny_model(tiny_cfg) -> AdaCLIP:
 @pytest.fixture()
 def images() -> torch.Tensor:
     return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def pytest_collection_modifyitems(items):
+    """The slow tests (papermill, torchrun, the wheel) first: pytest-xdist's workers start them at once
+    and fill the rest of the time with the short ones, instead of ending on a long tail."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker per core this process may use, at most 4 (each holds torch and models)."""
+    return max(1, min(_CORES, 4))

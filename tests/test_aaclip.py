@@ -57,17 +57,24 @@ def test_two_stages_in_one_run(synthetic, tmp_path):
     assert sorted(log.groupby("stage").epoch.unique().apply(list).to_dict().items()) == [("image", [2, 3]), ("text", [1])]
     stages = json.loads((tmp_path / "config.json").read_text())["stages"]
     assert [(s["name"], s["epochs"]) for s in stages] == [("text", 1), ("image", 2)]
+    # each stage at its own batch size: 6 images make 1 batch of the text stage (16), 2 of the image stage (3)
+    steps = log.groupby(["stage", "epoch"]).size().to_dict()
+    assert steps == {("text", 1): 1, ("image", 2): 2, ("image", 3): 2}, steps
     after_text = torch.load(tmp_path / "checkpoints" / "epoch_001.pt", weights_only=True)["state_dict"]
     final = model.learnable_state_dict()
     for key, value in initial.items():
         text = key.startswith("text_")
         assert (not torch.equal(after_text[key], value)) == text, key            # stage 1: text only
         assert (not torch.equal(final[key], after_text[key])) == (not text), key  # stage 2: image only
-    # a killed run resumes in its stage to the same result
-    train(methods.config("aaclip", **TINY), cfg, test, root, tmp_path / "killed", progress=False, max_steps=3)
-    again = train(methods.config("aaclip", **TINY), cfg, test, root, tmp_path / "killed", progress=False, resume=True)
-    for key, value in final.items():
-        torch.testing.assert_close(again.learnable_state_dict()[key], value)
+    # a killed run resumes in its stage to the same result: killed mid-stage (step 3, the image stage's
+    # second batch) and killed exactly at the stage boundary (after the text stage's only step), where
+    # the image stage starts with a fresh optimiser, not the text stage's state
+    for killed_at in (3, 1):
+        folder = tmp_path / f"killed{killed_at}"
+        train(methods.config("aaclip", **TINY), cfg, test, root, folder, progress=False, max_steps=killed_at)
+        again = train(methods.config("aaclip", **TINY), cfg, test, root, folder, progress=False, resume=True)
+        for key, value in final.items():
+            torch.testing.assert_close(again.learnable_state_dict()[key], value, rtol=0, atol=0, msg=key)
 
 
 def test_transductive_score_is_an_option_and_flagged(synthetic, tmp_path):

@@ -139,3 +139,35 @@ def test_a_stored_run_reloads_with_its_activation(images, tmp_path):
 def _saved(model, folder):
     model.save(folder / "saved.pt")
     return folder / "saved.pt"
+
+
+def test_what_a_model_learned_from_survives_a_reload(tiny_model, tmp_path):
+    """`trained_on` is saved and restored; a model with learnable parameters of unknown origin says
+    None (unknown), never "" (training-free), and a training-free method says ""."""
+    from adaclip import methods
+
+    assert tiny_model.trained_on is None                    # learnable, nothing recorded: unknown
+    tiny_model.save(tmp_path / "unknown.pt")
+    assert methods.load(tmp_path / "unknown.pt").trained_on is None
+    tiny_model.trained_on = "mvtec+colondb"
+    tiny_model.save(tmp_path / "mvtec.pt")
+    assert methods.load(tmp_path / "mvtec.pt").trained_on == "mvtec+colondb"
+    free = methods.create("clip", backbone={"name": "adaclip-tiny", "pretrained": None, "image_size": 32})
+    assert free.trained_on == ""
+    free.save(tmp_path / "clip.pt")
+    assert methods.load(tmp_path / "clip.pt").trained_on == ""
+
+
+def test_load_applies_backbone_overrides(tiny_model, tmp_path):
+    """``methods.load(path, **backbone_fields)`` replaces stored backbone fields: the activation, the
+    input size, the weights (a missing weights file is an error naming it, not silently ignored)."""
+    from adaclip import WeightsUnavailableError, methods
+
+    tiny_model.save(tmp_path / "model.pt")
+    assert _activation(methods.load(tmp_path / "model.pt")) == "GELU"
+    quick = methods.load(tmp_path / "model.pt", quick_gelu=True, image_size=64)
+    assert _activation(quick) == "QuickGELU" and quick.image_size == 64 and quick.cfg.backbone.image_size == 64
+    with pytest.raises((WeightsUnavailableError, FileNotFoundError, RuntimeError), match="no-such-weights.pt"):
+        methods.load(tmp_path / "model.pt", pretrained=str(tmp_path / "no-such-weights.pt"))
+    with pytest.raises(ValueError, match="unknown backbone field 'depth'"):
+        methods.load(tmp_path / "model.pt", depth=3)

@@ -217,3 +217,54 @@ def test_validate_survives_bad_labels_and_keeps_row_order(tmp_path):
     df.loc[0, "image"] = "d/nowhere.png"
     problems = validate(df, tmp_path)
     assert problems[0].startswith("manifest row 2: image") and problems[1].startswith("manifest row 3: label 'yes'")
+
+
+def test_distributed_epoch_order_follows_the_run_seed():
+    """Under torchrun each rank's order is DistributedSampler's for (seed + epoch): rank r takes every
+    world-th index of the seeded permutation, the ranks' shards cover the data, and another seed gives
+    another order (a sampler left at its default seed would ignore the run's)."""
+    from adaclip.data.loading import EpochSampler
+
+    def orders(seed, epoch):
+        out = []
+        for rank in range(2):
+            sampler = EpochSampler(16, seed, shard=(rank, 2))
+            sampler.set_epoch(epoch)
+            out.append([i for e, i in sampler if e == epoch])
+        return out
+
+    for epoch in range(3):
+        perm = torch.randperm(16, generator=torch.Generator().manual_seed(7 + epoch)).tolist()
+        assert orders(7, epoch) == [perm[0::2], perm[1::2]]
+        assert sorted(sum(orders(7, epoch), [])) == list(range(16))
+    assert orders(7, 0) != orders(8, 0)
+
+
+def test_training_loader_under_torchrun_shards_each_epoch_anew(monkeypatch):
+    """Training's persistent loader takes torchrun's rank and world size: per epoch the ranks' shards are
+    disjoint and cover the data, and both the order and the shards change from epoch to epoch."""
+    from adaclip import distributed
+    from adaclip.config import TrainCfg
+    from adaclip.train import _loader
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, k):
+            return k[1]                                        # (epoch, index)
+
+    cfg = TrainCfg(batch_size=2, seed=7, num_workers=0)
+    orders = []
+    for rank in (0, 1):
+        monkeypatch.setattr(distributed, "active", lambda: True)
+        monkeypatch.setattr(distributed, "rank", lambda: rank)
+        monkeypatch.setattr(distributed, "world_size", lambda: 2)
+        loaders = {}
+        orders.append([[i for b in _loader(Items(), cfg, e, cfg.batch_size, loaders=loaders) for i in b.tolist()]
+                       for e in range(4)])
+    for epoch in range(4):
+        mine, theirs = orders[0][epoch], orders[1][epoch]
+        assert len(mine) == len(theirs) == 8 and sorted(mine + theirs) == list(range(16))
+    for rank in (0, 1):
+        assert len({tuple(o) for o in orders[rank]}) == 4 and len({tuple(sorted(o)) for o in orders[rank]}) > 1

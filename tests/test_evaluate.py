@@ -45,3 +45,70 @@ def test_batch_size_does_not_change_results():
     b = evaluate(model, df, root, EvalCfg(batch_size=5), progress=False)
     np.testing.assert_allclose(a.scores.score, b.scores.score, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(a.metrics.pixel_auroc, b.metrics.pixel_auroc, atol=1e-5)
+
+
+def _spied(model):
+    """``model`` whose forward also records every map evaluation's loop receives, in order."""
+    seen, forward = [], model.forward
+
+    def spy(images, names, **kw):
+        out = forward(images, names, **kw)
+        seen.extend(out.pixel_scores.clamp(0, 1))
+        return out
+
+    model.forward = spy
+    return seen
+
+
+def test_metrics_at_another_size_resize_masks_nearest():
+    """``pixel_metric_size``: maps resized bilinearly, masks nearest (a defect keeps its extent; a
+    bilinear mask thresholded at > 0 would grow every defect by a pixel ring)."""
+    import torch
+    import torch.nn.functional as F
+
+    from adaclip.data import AnomalyDataset
+    from adaclip.metrics import PixelAccumulator
+
+    root = resolve_root("sample")
+    df = build_manifest("mvtec", root)
+    model = AdaCLIP.from_config(AdaCLIPConfig.tiny(image_size=64))
+    seen = _spied(model)
+    result = evaluate(model, df, root, EvalCfg(batch_size=4, pixel_metric_size=48, aupro_cflow=False), progress=False)
+    dataset = AnomalyDataset(df, root, model.transform, model.image_size)
+    acc = PixelAccumulator()
+    for i, m in enumerate(seen):
+        mask = dataset[i]["mask"].float()
+        acc.update(F.interpolate(m[None, None], size=(48, 48), mode="bilinear", align_corners=False)[0, 0].clamp(0, 1),
+                   F.interpolate(mask[None, None], size=(48, 48), mode="nearest")[0, 0])
+    values, _ = acc.compute()
+    row = result.metrics.set_index("category").loc["bottle"]
+    for key in ("pixel_auroc", "pixel_ap", "pixel_f1", "pixel_aupro"):
+        assert abs(row[key] - values[key]) < 1e-9, key
+    assert torch.isfinite(torch.tensor(values["pixel_aupro"]))
+
+
+def test_a_failing_map_writer_stops_the_evaluation(tmp_path, monkeypatch):
+    """An error in the writer thread (here a full disk while saving maps) is raised by evaluate,
+    whether it hits an early batch (collected inside the loop) or the last one (at the end)."""
+    import pytest
+
+    import adaclip.evaluate as ev
+
+    root = resolve_root("sample")
+    df = build_manifest("mvtec", root)
+    model = AdaCLIP.from_config(AdaCLIPConfig.tiny())
+    save = np.savez_compressed
+    for fail_at in (0, len(df) - 1):
+        calls = {"n": 0}
+
+        def savez(f, **arrays):
+            calls["n"] += 1
+            if calls["n"] - 1 == fail_at:
+                raise OSError(28, "No space left on device")
+            return save(f, **arrays)
+
+        monkeypatch.setattr(ev.np, "savez_compressed", savez)
+        with pytest.raises(OSError, match="No space left on device"):
+            evaluate(model, df, root, EvalCfg(batch_size=1, save_maps=True), run_dir=tmp_path / str(fail_at),
+                     progress=False)
+        assert calls["n"] > fail_at

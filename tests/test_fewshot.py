@@ -139,6 +139,7 @@ def test_category_without_normal_training_images_is_named(synthetic):
         draw_references(df, test, 9)
 
 
+@pytest.mark.slow
 def test_k_shot_is_a_notebook_parameter_and_a_sweep_axis(tmp_path):
     """A sweep configuration's k_shot and shot_seed reach notebook 02's evaluation: its run is the
     few-shot evaluation of its model with those references (listed in config.json)."""

@@ -152,6 +152,13 @@ def test_mismatched_class_names(tiny_model, images):
         tiny_model(images, ["bottle", "screw"])
 
 
+def test_prompts_deeper_than_the_encoders_are_refused():
+    cfg = AdaCLIPConfig.tiny()
+    cfg.prompts = PromptCfg(depth=9, length=2)
+    with pytest.raises(ValueError, match=r"prompt depth 9 exceeds the encoder depth \(4 visual, 2 text\)"):
+        AdaCLIP.from_config(cfg)
+
+
 @pytest.mark.parametrize("name, size, layers, trainable", [
     ("ViT-B-16", 240, (3, 6, 9, 12), 5_146_368), ("ViT-B-32", 224, (3, 6, 9, 12), 5_146_368),
     ("ViT-L-14", 336, (6, 12, 18, 24), 10_665_472), ("ViT-L-14-336", 518, (6, 12, 18, 24), 10_665_472)])

@@ -60,15 +60,23 @@ def png_widths(executed: dict, first_line: str) -> list[int]:
             for o in cell["outputs"] if "image/png" in o.get("data", {})]
 
 
+@pytest.mark.slow
 def test_pipeline_runs_headless(tmp_path, capfd):
-    """00 -> 01 -> 02, the other methods' 01 -> 02 beside it (APRIL-GAN, WinCLIP, CLIP), then 03
-    comparing them, on the embedded sample with the tiny random backbone; kernels on IPC sockets, so
-    no kernel warning reaches the log."""
-    run_pipeline("smoke", params={"epochs": 1}, results_dir=tmp_path)
-    assert "WARNING" not in capfd.readouterr().err
+    """`make run`: 00 -> 01 -> 02 -> 04 for AdaCLIP and 01 -> 02 for each baseline beside it (the chains
+    two at a time), then 03 comparing them, each beside its own published numbers, on the embedded sample
+    with the tiny random backbone; kernels on IPC sockets, so no kernel warning reaches the log. (Every
+    method through `train` and `evaluate`: tests/test_method_contract.py.)"""
+    from adaclip.pipeline import DEFAULT_BASELINES
+
+    others = list(DEFAULT_BASELINES)
+    params = {"epochs": 1}
+    run_pipeline("smoke", params=params, results_dir=tmp_path, baselines=others, jobs=2)
+    captured = capfd.readouterr()
+    assert "WARNING" not in captured.err and "KeyboardInterrupt" not in captured.err + captured.out
+    assert f"{len(others) + 1} chains (smoke, smoke/baselines/" in captured.out, captured.out
+    assert captured.out.count(" finished in ") == 5 + 2 * len(others)                 # a line per notebook
     run = tmp_path / "smoke"
-    beside = [run / "baselines" / m / nb for m in ("aprilgan", "winclip", "clip")
-              for nb in ("01_prompt_training.ipynb", "02_evaluation.ipynb")]
+    beside = [run / "baselines" / m / nb for m in others for nb in ("01_prompt_training.ipynb", "02_evaluation.ipynb")]
     for nb in [*NOTEBOOKS, *beside]:
         executed = json.loads((run / nb.name if nb in NOTEBOOKS else nb).read_text())
         assert not executed["metadata"]["papermill"]["exception"]
@@ -84,31 +92,44 @@ def test_pipeline_runs_headless(tmp_path, capfd):
     assert {"visa", "glass", "headct", "kvasir"} <= set(metrics.dataset)
     config = json.loads((run / "config.json").read_text())
     assert config["backbone_weights"] == "random" and config["train"]["epochs"] == 1
-    for m in ("aprilgan", "winclip", "clip"):
-        assert json.loads((run / "baselines" / m / "config.json").read_text())["method"] == m
+    for m in others:
+        config = json.loads((run / "baselines" / m / "config.json").read_text())
+        assert config["method"] == m and config["backbone_weights"] == "random"
+    logs = {m: pd.read_csv(run / "baselines" / m / "train_log.csv") for m in others}
+    assert len(logs["aprilgan"]) and len(pd.read_csv(run / "train_log.csv")) and not len(logs["winclip"])
     figures = {p.name for p in (run / "figures").iterdir()}
     assert {"00_samples.png", "01_loss.png", "02_metrics.png", "02_maps.png", "03_scores_adaclip.png",
             "03_scores_clip.pdf", "03_curves_visa.png", "03_qualitative.png", "04_explore.png",
             "04_explore_layers.png", "04_explore_smoothing.png", "04_explore_hsf.pdf"} <= figures
+    # each run beside the published numbers of its own method, and only those
+    repro = pd.read_csv(run / "tables" / "reproduction.csv")
+    beside = repro.dropna(subset=["published"]).groupby("run").published_method.unique()
+    for m, published in (("aprilgan", "APRIL-GAN"), ("winclip", "WinCLIP")):
+        assert set(beside[f"smoke/baselines/{m}"]) == {published}, m
+    assert set(beside["smoke"]) == {"AdaCLIP"}
+    alone = repro[repro.published.isna()].set_index("run").note
+    assert "no published numbers for method 'clip'" in alone["smoke/baselines/clip"]
     summary = (run / "summary.md").read_text()
     assert re.search(r"\|\s+mean\s+\|\s+I-AUROC\s+\|", summary)           # the narrow metrics table
-    assert all(f"I-AUROC {m}" in summary for m in ("adaclip", "aprilgan", "winclip", "clip"))
+    assert all(f"I-AUROC {m}" in summary for m in ("adaclip", *others))
     assert "random backbone weights" in summary and "APRIL-GAN · " in summary and "WinCLIP · " in summary
     assert "](figures/03_curves_visa.png)" in summary and "open_clip_torch" in summary
     # run again: finished notebooks are skipped, so a killed pipeline resumes where it stopped
     before = (run / "02_evaluation.ipynb").stat().st_mtime_ns
-    run_pipeline("smoke", params={"epochs": 1}, results_dir=tmp_path)
+    run_pipeline("smoke", params=params, results_dir=tmp_path, baselines=others, notebooks_to_run=["01", "02"])
     assert (run / "02_evaluation.ipynb").stat().st_mtime_ns == before
     # changed parameters rerun the notebooks that take them
-    run_pipeline("smoke", params={"epochs": 1, "n_examples": 2}, results_dir=tmp_path, notebooks_to_run=["02"])
+    run_pipeline("smoke", params={**params, "n_examples": 1}, results_dir=tmp_path, baselines=(), notebooks_to_run=["02"])
     assert (run / "02_evaluation.ipynb").stat().st_mtime_ns != before
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not resolve_root("shared").is_dir(), reason="../shared/datasets not present")
 def test_pipeline_on_the_shared_subsets(tmp_path):
-    """Train on the shared MVTec AD subsets, evaluate on VisA, GLASS, HeadCT and Kvasir (random weights)."""
+    """Train on the shared MVTec AD subsets, evaluate on VisA, GLASS, HeadCT and Kvasir (random weights):
+    notebooks 00-02 on the real files (03 and 04 read only the run, as on the sample)."""
     params = yaml.safe_load((NOTEBOOK_DIR / "params" / "shared.yaml").read_text())
-    run_pipeline("shared", params=params, results_dir=tmp_path, baselines=())
+    run_pipeline("shared", params=params, results_dir=tmp_path, baselines=(), notebooks_to_run=["00", "01", "02"])
     metrics = pd.read_csv(tmp_path / "shared" / "metrics.csv").set_index(["dataset", "category"])
     assert {("visa", "capsules"), ("visa", "macaroni1"), ("glass", "glass"), ("headct", "headct"),
             ("kvasir", "kvasir")} <= set(metrics.index)

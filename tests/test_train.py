@@ -42,6 +42,23 @@ def test_focal_and_dice_match_the_reference_formulas():
     torch.testing.assert_close(dice_loss(probs, target, "per_row"), per_row)
 
 
+@pytest.mark.parametrize("name", ["crane", "aprilgan", "linear"])
+def test_a_stage_trains_with_its_recipe(name):
+    """The default stage takes the recipe's optimiser settings (Crane's betas (0.6, 0.999), APRIL-GAN's
+    (0.5, 0.999), AdaCLIP's AdamW for the linear ablation), and the optimiser train() builds for it uses them."""
+    from adaclip import methods
+    from adaclip.train import _optimizer
+
+    recipe = methods.train_config(name, lr=0.02)
+    model = methods.create(name, backbone={"name": "adaclip-tiny", "pretrained": None, "image_size": 32})
+    (stage,) = model.training_stages(recipe)
+    assert (stage.lr, tuple(stage.betas), stage.optimizer, stage.batch_size, stage.epochs) == \
+        (0.02, tuple(recipe.betas), recipe.optimizer, recipe.batch_size, recipe.epochs)
+    optimizer, _ = _optimizer(stage)
+    assert optimizer.param_groups[0]["betas"] == tuple(recipe.betas) and optimizer.param_groups[0]["lr"] == 0.02
+    assert type(optimizer).__name__.lower() == recipe.optimizer
+
+
 def test_training_learns_from_scratch(synthetic, tmp_path):
     """A random tiny ViT: pixel AUROC on an unseen synthetic texture goes from chance to well above."""
     root, train_df, heldout = synthetic
