@@ -23,7 +23,7 @@ from PIL import Image
 
 from .config import activation_name
 from .io import atomic_path, write_csv
-from .metrics import METRIC_KEYS
+from .metric_keys import METRIC_KEYS
 from .runs import BASELINE_DIR, RANDOM_WEIGHTS, environment
 
 PathLike = Union[str, Path]
@@ -91,6 +91,11 @@ def published_name(method: str) -> Optional[str]:
     return methods.get(method).published_name if method in methods.available() else None
 
 
+def published_name_of(config: dict) -> Optional[str]:
+    """The published name of a run's method, as its config.json records it (older runs: looked up)."""
+    return config["published_name"] if "published_name" in config else published_name(method_of(config))
+
+
 def method_of(config: dict) -> str:
     """The method a run's config.json names (older runs: inside the model config, else AdaCLIP)."""
     return config.get("method") or (config.get("model") or {}).get("method") or "adaclip"
@@ -143,7 +148,7 @@ def run_info(runs: Runs, labels: Optional[dict] = None) -> pd.DataFrame:
     rows = []
     for run, config in runs.configs.items():
         method = method_of(config)
-        rows.append({"label": labels[run], "run": run, "method": method, "published_method": published_name(method),
+        rows.append({"label": labels[run], "run": run, "method": method, "published_method": published_name_of(config),
                      "trained_on": trained_on(config), "trained_on_text": trained_on_text(trained_on(config))})
     return pd.DataFrame(rows).set_index("label")
 
@@ -420,7 +425,7 @@ def reproduction_table(runs: Runs, published: Optional[pd.DataFrame] = None,
     frames = []
     for run, config in runs.configs.items():
         method = method_of(config)
-        name, mine = published_name(method), ours[ours.run == run].drop(columns="run")
+        name, mine = published_name_of(config), ours[ours.run == run].drop(columns="run")
         random = config.get("backbone_weights") == "random"
         pub = published[(published.method == name) & published.dataset.isin(mine.dataset)] if name else published.iloc[:0]
         long = pub.melt(id_vars=["method", "dataset", "trained_on", "source"], value_vars=shown, var_name="metric",

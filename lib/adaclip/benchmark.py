@@ -33,15 +33,29 @@ from .precision import autocast
 
 
 def _timed(fn, device, repeats: int) -> float:
-    fn()                                                   # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
+    return _timed_together([fn], device, repeats)[0]
+
+
+def _timed_together(fns, device, repeats: int) -> list[float]:
+    """The best of ``repeats`` timed calls of each function, the functions taking turns: a slow spell of
+    a shared machine hits them alike, so their ratios hold (a floor and a model timed minutes apart do
+    not share one)."""
+    def once(fn) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    for fn in fns:                                         # warm-up
+        once(fn)
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for k, fn in enumerate(fns):
+            best[k] = min(best[k], once(fn))
+    return best
 
 
 def peak_memory_mb(device) -> float:
@@ -122,10 +136,8 @@ def run(backbone: Optional[str] = None, image_size: Optional[int] = None, batch_
     rows = [("config", f"{method}: {backbone} @ {image_size}, batch {N}, weights "
                        f"{'random' if pretrained is None else pretrained}, {device}, torch threads {torch.get_num_threads()}")]
     with torch.no_grad(), autocast(dev):
-        floor1 = _timed(lambda: visual(x[:1]), dev, repeats)
-        floor = _timed(lambda: visual(x), dev, repeats)
-        t1 = _timed(lambda: model(x[:1], names[:1]), dev, repeats)
-        tb = _timed(lambda: model(x, names), dev, repeats)
+        floor1, t1 = _timed_together([lambda: visual(x[:1]), lambda: model(x[:1], names[:1])], dev, repeats)
+        floor, tb = _timed_together([lambda: visual(x), lambda: model(x, names)], dev, repeats)
         stages = _adaclip_stages(model, x, names, tb, dev, repeats) if method == "adaclip" else {}
     rows += [(f"floor: bare open_clip image forward, batch {N}", f"{floor / N * 1e3:.0f} ms/image"),
              ("inference, batch 1", f"{t1 * 1e3:.0f} ms/image = {t1 / floor1:.2f}x the floor at batch 1"),

@@ -227,7 +227,7 @@ def _pipeline(args) -> int:
         params.update(loaded)
     params.update(dict(kv.split("=", 1) for kv in args.param))
     run_pipeline(args.run, params=params, notebooks_to_run=args.notebooks or None, force=args.force,
-                 baselines=args.baselines)
+                 baselines=args.baselines, jobs=args.jobs)
     return 0
 
 
@@ -365,6 +365,9 @@ def main(argv=None) -> int:
     r.add_argument("--baselines", nargs="*", default=list(DEFAULT_BASELINES), choices=available(),
                    help="methods run beside it (notebooks 01, 02 into <run>/baselines/<name>) and compared "
                         f"in 03; default: {' '.join(DEFAULT_BASELINES)}; give none to skip")
+    r.add_argument("--jobs", type=int, default=None,
+                   help="notebook chains (the run's, each baseline's) at once; default: the cores + 2 on a CPU, 1 "
+                        "with a GPU")
     r.set_defaults(fn=_pipeline)
 
     w = sub.add_parser("sweep", help="run notebooks 01 and 02 for every configuration of a sweep file")

@@ -94,9 +94,12 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
     last = Counter(key_of[i] for i in mine if dataset.has_mask[i]) if not distributed.active() else {}
     writer = MapWriter(df, cflow, maps_dir, last) if (cflow or maps_dir is not None) else None
 
+    # the bar never holds the loader: a notebook's progress widget outlives the call, and workers freed
+    # later by the garbage collector take seconds each to stop (freed here when the loop ends)
+    bar = tqdm(total=len(loader), desc="evaluate", disable=not progress or not distributed.is_main())
     try:
         with torch_threads(loop_threads):
-            for batch in tqdm(loader, desc="evaluate", disable=not progress or not distributed.is_main()):
+            for batch in _counted(loader, bar):
                 index = batch["index"].tolist()
                 images = normalize(batch["image"].to(device, non_blocking=True))
                 with autocast(device), torch_threads(model_threads):
@@ -127,8 +130,10 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
                 if writer is not None:
                     writer.submit(maps, masks, index, [bool(h) for h in batch["has_mask"]], batch.get("regions"))
     finally:
+        bar.close()
         if writer is not None:
             writer.close()
+    del loader
     model.train(was_training)
     scores, parts = np.zeros(len(df), np.float64), None
     if scored_index:
@@ -174,10 +179,18 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
         write_csv(Path(run_dir) / "pixel_curves.csv", curves)
         write_json(Path(run_dir) / THRESHOLDS, decision_thresholds(metrics, scored, pixels))
         update_config(run_dir, model=model.cfg.to_dict(), evaluation=cfg.to_dict(),
-                      method=model.name, test_manifests=df.attrs.get("paths"), test_root=str(data_root),
+                      method=model.name, published_name=model.published_name, test_manifests=df.attrs.get("paths"),
+                      test_root=str(data_root),
                       few_shot={"k_shot": cfg.k_shot, "seed": cfg.shot_seed, "references": reference_list(drawn)},
                       trained_on=model.trained_on, transductive_image_scores=transductive, **weights_note(model))
     return EvalResult(metrics, scored, curves)
+
+
+def _counted(loader, bar):
+    """The loader's batches, each counted on ``bar`` (which never sees the loader)."""
+    for batch in loader:
+        yield batch
+        bar.update()
 
 
 class MapWriter:

@@ -20,6 +20,8 @@ import torch
 from scipy import ndimage
 from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score
 
+from .metric_keys import METRIC_KEYS
+
 NAN = float("nan")
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=int)   # regions as in the MVTec AD evaluation code
 
@@ -399,10 +401,6 @@ def mean_row(rows: list[dict], keys) -> dict:
         vals = [r[k] for r in rows if r.get(k) is not None and not (isinstance(r[k], float) and math.isnan(r[k]))]
         out[k] = float(np.mean(vals)) if vals else NAN
     return out
-
-
-METRIC_KEYS = ("image_auroc", "image_ap", "image_f1", "pixel_auroc", "pixel_ap", "pixel_f1", "pixel_aupro",
-               "pixel_aupro_cflow")
 
 
 def summarize(labels, scores, pixels: Optional[PixelAccumulator], cflow: Optional[tuple[float, str]] = None) -> dict:

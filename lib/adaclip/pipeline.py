@@ -7,22 +7,23 @@ training itself resumes from its last epoch).
 
 ``baselines`` (default: APRIL-GAN, WinCLIP and zero-shot CLIP) run notebooks 01 and 02 again with
 ``method=<baseline>`` into ``results/<run>/baselines/<baseline>/``, and notebook 03 compares them
-with the run. The run's own notebooks (00 first, then 01, 02, 04) and each baseline's 01 -> 02 are
-independent chains after 00, so ``jobs`` of them run at once (default: one per core), and 03 runs
-when all are done; a line per notebook says what started and what finished. Kernels talk over IPC
-sockets (no unencrypted TCP, no kernel warning in the log).
+with the run. After 00, the run's own notebooks (01, 02, 04) and each baseline's (01, 02) are
+independent, so ``jobs`` notebooks run at once (default: the cores + 2 on a CPU, one with a GPU), and
+03 starts once every run's 01 and 02 are done; a line per notebook says what started and what
+finished. Kernels talk over IPC sockets (no unencrypted TCP, no kernel warning in the log).
 """
 from __future__ import annotations
 
 import atexit
 import functools
+import glob
 import json
 import os
 import shutil
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -177,70 +178,79 @@ def plan_pipeline(run: str = "default", params: Optional[dict] = None, notebooks
 def run_pipeline(run: str = "default", params: Optional[dict] = None, notebooks_to_run: Optional[Iterable[str]] = None,
                  force: bool = False, kernel: str = "python3", results_dir: Optional[Path] = None,
                  baselines: Sequence[str] = DEFAULT_BASELINES, jobs: Optional[int] = None, **kwargs) -> list[Path]:
-    """Execute `plan_pipeline`'s notebooks: those before 01 (00), then the run's chain (01, 02, 04) and
-    each baseline's (01, 02) with ``jobs`` chains at once (None: one per core; 1: in order), then the
-    analysis (03). A notebook already finished with the same parameters is skipped. The first error
-    stops the pipeline once the chains running beside it end; returns the executed copies."""
+    """Execute `plan_pipeline`'s notebooks, ``jobs`` at once (None: `_default_jobs`; 1: one by one, in
+    the plan's order), each as soon as what it reads is there: 00 first; then each run's own notebooks
+    in order (the run: 01, 02, 04; each baseline: 01, 02); the analysis (03) once every run's 01 and 02
+    have finished (not waiting for 04). A notebook already finished with the same parameters is
+    skipped. After an error nothing new starts; the notebooks running finish, then the first error is
+    raised. Returns the executed copies, in the plan's order."""
     import papermill as pm
 
     plan = plan_pipeline(run, params, notebooks_to_run, results_dir, baselines)
-    first = [job for job in plan if job[0].name[:2] < "01"]
-    last = [job for job in plan if job[0].name.startswith("03")]
-    chains: dict[str, list] = {}
-    for job in plan:
-        if job not in first and job not in last:
-            chains.setdefault(job[2]["run_name"], []).append(job)
-    jobs = min(jobs or _cores(), max(1, len(chains)))
-    total, lock, counter, start = len(plan), threading.Lock(), [0], time.perf_counter()
+    needs: list[set] = []
+    for k, (nb, _, given) in enumerate(plan):
+        earlier = range(k)
+        if nb.name.startswith("03"):                          # compares the runs: their 01 and 02
+            needs.append({j for j in earlier if plan[j][0].name[:2] in ("00", "01", "02")})
+        else:                                                # its own run's notebooks before it, and 00
+            needs.append({j for j in earlier if plan[j][2]["run_name"] == given["run_name"]
+                          or plan[j][0].name[:2] == "00"})
+    runs = list(dict.fromkeys(given["run_name"] for _, _, given in plan))
+    jobs = max(1, min(jobs or _default_jobs(), len(runs)))
+    total, lock, start = len(plan), threading.Lock(), time.perf_counter()
 
     def say(text: str) -> None:
         with lock:
             print(f"[pipeline {time.perf_counter() - start:5.0f}s] {text}", flush=True)
 
-    def execute(nb: Path, out: Path, given: dict) -> Path:
+    def execute(k: int) -> Path:
+        nb, out, given = plan[k]
+        # kernels running beside each other share the cores instead of each taking all of them
+        _kernel_env.extra = {"OMP_NUM_THREADS": str(max(1, _cores() // jobs))} if jobs > 1 else {}
         out.parent.mkdir(parents=True, exist_ok=True)
-        with lock:
-            counter[0] += 1
-            k = counter[0]
-        where = given["run_name"]
+        where = f"{k + 1}/{total} {nb.name} ({given['run_name']})"
         if not force and finished(out, given):
-            say(f"{k}/{total} {nb.name} ({where}): already done with these parameters, skipped (force=True reruns)")
+            say(f"{where}: already done with these parameters, skipped (force=True reruns)")
             return out
-        say(f"{k}/{total} {nb.name} ({where}) started -> {out}")
+        say(f"{where} started -> {out}")
         began = time.perf_counter()
         pm.execute_notebook(str(nb), str(out), parameters=given, kernel_name=kernel, cwd=str(NOTEBOOK_DIR),
                             progress_bar=False, kernel_manager_class=IPCKernelManager, **kwargs)
-        say(f"{k}/{total} {nb.name} ({where}) finished in {time.perf_counter() - began:.1f} s")
+        say(f"{where} finished in {time.perf_counter() - began:.1f} s")
         return out
 
-    failed = threading.Event()
-
-    def chain(jobs_of_chain: list) -> list[Path]:
-        # kernels running beside each other share the cores instead of each taking all of them
-        _kernel_env.extra = {"OMP_NUM_THREADS": str(max(1, _cores() // jobs))} if jobs > 1 else {}
-        done = []
-        for job in jobs_of_chain:
-            if failed.is_set():                      # another chain failed: start nothing new
+    if jobs > 1:
+        say(f"{len(plan)} notebooks of {len(runs)} runs ({', '.join(runs)}), {jobs} at once")
+    futures: dict = {}
+    done: set = set()
+    error = None
+    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="pipeline") as pool:
+        while len(done) < len(plan):
+            if error is None:                                # start what is ready, in the plan's order
+                for k in range(len(plan)):
+                    if k not in futures and needs[k] <= done:
+                        futures[k] = pool.submit(execute, k)
+            running = [f for k, f in futures.items() if k not in done]
+            if not running:
                 break
-            try:
-                done.append(execute(*job))
-            except BaseException:
-                failed.set()
-                raise
-        return done
+            finished_now, _ = wait(running, return_when=FIRST_COMPLETED)
+            for k, f in futures.items():
+                if f in finished_now:
+                    done.add(k)
+                    if f.exception() is not None and error is None:
+                        error = f.exception()
+    if error is not None:
+        raise error
+    return [plan[k][1] for k in sorted(done)]
 
-    written = [execute(*job) for job in first]
-    if jobs > 1 and len(chains) > 1:
-        say(f"{len(chains)} chains ({', '.join(chains)}), {jobs} at once")
-        with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="pipeline") as pool:
-            futures = [pool.submit(chain, c) for c in chains.values()]
-        for f in futures:                            # all have ended: the first error, if any, is raised
-            written += f.result()
-    else:
-        for c in chains.values():
-            written += chain(c)
-    written += [execute(*job) for job in last]
-    return written
+
+def _default_jobs() -> int:
+    """Notebooks at once: on the CPU two more than the cores (a kernel's start and imports leave a core
+    idle part of the time; measured on 2 cores, `make run`: 94 s at 2, 81 s at 4); one where an NVIDIA
+    GPU is visible, since the kernels would share its memory (``jobs=N`` asks for more)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpu = visible not in ("", "-1") and bool(glob.glob("/dev/nvidia[0-9]*"))
+    return 1 if gpu else _cores() + 2
 
 
 def _cores() -> int:

@@ -112,7 +112,7 @@ def train(model_cfg, train_cfg: Union[TrainCfg, dict], train_manifests,
     model.checkpoint_activations = cfg.checkpoint_activations
     # the auxiliary datasets, as the published tables name them ("mvtec+colondb"); "" when nothing is learned
     model.trained_on = "+".join(dict.fromkeys(train_df.dataset.astype(str))) if model.learnable_parameters() else ""
-    what_ran = dict(method=method, model=model_cfg.to_dict(), train=cfg.to_dict(), train_manifests=_sources(train_manifests),
+    what_ran = dict(method=method, published_name=model.published_name, model=model_cfg.to_dict(), train=cfg.to_dict(), train_manifests=_sources(train_manifests),
                     test_manifests=_sources(test_manifests), data_root=str(data_root), trained_on=model.trained_on,
                     **weights_note(model))
     if not model.learnable_parameters():           # a training-free baseline ("clip"): a run like any other
@@ -197,10 +197,13 @@ def train(model_cfg, train_cfg: Union[TrainCfg, dict], train_manifests,
             loader = _loader(dataset, cfg, epoch, stage.batch_size, device, loaders, work)
             net.train()
             name = f"{stage.name} " if len(stages) > 1 else ""
-            bar = tqdm(loader, desc=f"{name}epoch {epoch + 1}/{total}", disable=not progress or not main)
+            # the bar never holds the loader (see evaluate): its persistent workers stop when training ends
+            bar = tqdm(total=len(loader), desc=f"{name}epoch {epoch + 1}/{total}", disable=not progress or not main)
             running = []
-            for batch in bar:
+            for batch in loader:
                 if max_steps is not None and step >= max_steps:
+                    bar.close()
+                    loaders.clear()
                     return model
                 images, masks, labels, has_mask = (batch[k].to(device, non_blocking=True)
                                                    for k in ("image", "mask", "label", "has_mask"))
@@ -224,7 +227,9 @@ def train(model_cfg, train_cfg: Union[TrainCfg, dict], train_manifests,
                     writer.writerow({"epoch": epoch + 1, "stage": stage.name, "step": step, "loss": logged[0],
                                      **dict(zip(parts, logged[1:])), "lr": optimizer.param_groups[0]["lr"]})
                     log_file.flush()
-                bar.set_postfix(loss=f"{np.mean(running[-20:]):.4f}")
+                bar.set_postfix(loss=f"{np.mean(running[-20:]):.4f}", refresh=False)
+                bar.update()
+            bar.close()
             if cfg.selection in ("val", "test_f1"):
                 result = evaluate(model, val_df if cfg.selection == "val" else test_df,
                                   data_root if cfg.selection == "val" else (test_root or data_root),
@@ -242,6 +247,7 @@ def train(model_cfg, train_cfg: Union[TrainCfg, dict], train_manifests,
                                 "train_config": _jsonable(cfg.to_dict()), "learnable": model.learnable_state_dict(),
                                 "optimizer": optimizer.state_dict(),
                                 "scheduler": scheduler.state_dict() if scheduler is not None else None}, tmp)
+    loaders.clear()                                # their persistent workers stop now, not when collected
     distributed.barrier()                          # every checkpoint is written before any rank reads one
 
     chosen = total if best["epoch"] is None else best["epoch"]

@@ -381,8 +381,9 @@ def _title(fig: Figure, title: str) -> None:
         fig.suptitle(title, fontsize=8, color="darkred")
 
 
-def save(fig: Figure, path: Union[str, Path], dpi: int = 200, formats: Sequence[str] = ("png", "pdf")) -> Path:
-    """Save ``fig`` as ``path`` with each suffix of ``formats`` (PNG and PDF); returns the first."""
+def save(fig: Figure, path: Union[str, Path], dpi: int = 150, formats: Sequence[str] = ("png", "pdf")) -> Path:
+    """Save ``fig`` as ``path`` with each suffix of ``formats`` (PNG and PDF, vector for print); returns
+    the first. 150 dpi: a column-wide PNG is 525 px, sharp on a screen (200 dpi costs 1.7x the time)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for fmt in formats:

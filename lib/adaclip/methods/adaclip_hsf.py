@@ -43,7 +43,9 @@ def kmeans(x: torch.Tensor, n_clusters: int, seed: int = 0, max_iter: int = 100)
     exporting = torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
     labels = None
     for _ in range(max_iter):
-        new = (x[:, :, None] - centres[:, None]).pow(2).sum(-1).argmin(-1)  # (B, K); cdist has no ONNX op
+        # nearest centre by |c|² - 2 x·c (|x|² is the same for every centre): a batched matmul instead of
+        # a (B, K, k, C) difference tensor; torch.cdist, which does the same for many rows, has no ONNX op
+        new = (centres.pow(2).sum(-1)[:, None] - 2 * x @ centres.transpose(1, 2)).argmin(-1)   # (B, K)
         if not exporting and labels is not None and torch.equal(new, labels):
             break
         labels = new
