@@ -61,5 +61,6 @@ def pytest_collection_modifyitems(items):
 
 
 def pytest_xdist_auto_num_workers(config):
-    """``-n auto``: one worker per core this process may use, at most 4 (each holds torch and models)."""
-    return max(1, min(_CORES, 4))
+    """``-n auto``: one worker more than the cores this process may use (kernels and subprocesses start
+    and wait; on 2 cores 3 workers took 6.9 min, 2 took 7.6), at most 4 (each holds torch and models)."""
+    return max(1, min(_CORES + 1, 4))

@@ -46,7 +46,7 @@ def test_cli_export_with_dynamic_text_matches_pytorch(tmp_path, capsys):
     assert json.loads(meta["config"])["fusion"]["use_hsf"] is False
     for seed in (1, 2):                                    # inputs other than the one traced
         images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-        diffs = compare_with_torch(out, model, images)
+        diffs = compare_with_torch(out, model, images, session)
         assert diffs["image_scores"] < 1e-4 and diffs["anomaly_maps"] < 1e-4, diffs
         # the same by hand: onnxruntime's outputs against the PyTorch model's own
         scores, maps = session.run(None, {"images": images.numpy()})
@@ -61,7 +61,7 @@ def test_cli_export_with_dynamic_text_matches_pytorch(tmp_path, capsys):
         for p in other.learnable_parameters():
             p.add_(0.5 * torch.randn_like(p))
         ref = other(images, "bottle")
-    diffs = compare_with_torch(out, other, images)
+    diffs = compare_with_torch(out, other, images, session)
     assert diffs["image_scores"] == pytest.approx(np.abs(scores - ref.image_scores.numpy()).max(), abs=1e-4)
     assert diffs["anomaly_maps"] == pytest.approx(np.abs(maps - ref.pixel_scores.numpy()).max(), abs=1e-4)
     assert diffs["image_scores"] > 1e-3 and diffs["anomaly_maps"] > 1e-3, diffs

@@ -73,7 +73,7 @@ def test_pipeline_runs_headless(tmp_path, capfd):
     run_pipeline("smoke", params=params, results_dir=tmp_path, baselines=others, jobs=2)
     captured = capfd.readouterr()
     assert "WARNING" not in captured.err and "KeyboardInterrupt" not in captured.err + captured.out
-    assert f"{len(others) + 1} chains (smoke, smoke/baselines/" in captured.out, captured.out
+    assert f"11 notebooks of {len(others) + 1} runs (smoke, smoke/baselines/" in captured.out, captured.out
     assert captured.out.count(" finished in ") == 5 + 2 * len(others)                 # a line per notebook
     run = tmp_path / "smoke"
     beside = [run / "baselines" / m / nb for m in others for nb in ("01_prompt_training.ipynb", "02_evaluation.ipynb")]

@@ -200,15 +200,18 @@ def test_parallel_and_submitit_sweeps_write_the_same_table_as_a_sequential_one(s
     """--jobs 2 (two worker processes, the cores shared out between them) and submitit's local
     executor run every configuration with its own parameters and give the sequential sweep.csv."""
     results = stub_notebooks
-    spec = {"base": {"epochs": 2}, "grid": {"value": [1, 2, 3]}}
-    tables = {name: run_sweep(spec, "s", results_dir=results / name, **kwargs)
-              for name, kwargs in (("sequential", {}), ("jobs", {"jobs": 2}), ("submitit", {"launcher": "submitit-local"}))}
+    spec = {"base": {"epochs": 2}, "grid": {"value": [1, 2, 3]}}     # 3 configurations for 2 worker slots
+    small = {"base": {"epochs": 2}, "grid": {"value": [1, 2]}}        # submitit: a job per configuration
+    tables = {name: run_sweep(sweep, "s", results_dir=results / name, **kwargs)
+              for name, sweep, kwargs in (("sequential", spec, {}), ("jobs", spec, {"jobs": 2}),
+                                          ("submitit", small, {"launcher": "submitit-local"}))}
     reference = pd.read_csv(results / "sequential" / "s" / "sweep.csv")
     assert reference.image_auroc.tolist() == [0.1, 0.2, 0.3]
     for name, table in tables.items():
         assert (table.status == "done").all(), (name, table[["config_id", "status", "error"]])
-        pd.testing.assert_frame_equal(pd.read_csv(results / name / "s" / "sweep.csv"), reference, obj=name)
-        for value in (1, 2, 3):
+        values = [1, 2, 3] if name != "submitit" else [1, 2]
+        pd.testing.assert_frame_equal(pd.read_csv(results / name / "s" / "sweep.csv"), reference.head(len(values)), obj=name)
+        for value in values:
             assert _runs(results / name, f"value={value}") == [f"01 epochs=2 value={value}", "02"]
     threads = (results / "jobs" / "s" / "value=1" / "value.txt").read_text().split()[1]
     assert int(threads) == max(1, __import__("os").cpu_count() // 2)             # the workers share the cores

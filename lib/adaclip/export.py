@@ -93,10 +93,11 @@ def export_onnx(model: Method, class_name: str, path: PathLike, batch_size: int 
     return path
 
 
-def compare_with_torch(path: PathLike, model: Method, images: torch.Tensor) -> dict:
-    """Run the exported file with onnxruntime and PyTorch on ``images``: largest absolute differences."""
+def compare_with_torch(path: PathLike, model: Method, images: torch.Tensor, session=None) -> dict:
+    """Run the exported file with onnxruntime and PyTorch on ``images``: largest absolute differences.
+    ``session``: an onnxruntime session of the file already open (else one is opened)."""
     ort = _require("onnxruntime")
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = session or ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     meta = session.get_modelmeta().custom_metadata_map
     scores, maps = session.run(None, {"images": images.cpu().numpy().astype(np.float32)})
     with torch.no_grad():

@@ -13,13 +13,21 @@ import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import seaborn as sns
 from matplotlib.figure import Figure
 
 from . import runs
 from .data.images import load_row
 
-RANDOM_WEIGHTS = runs.RANDOM_WEIGHTS   # the figure title of random-weight runs
+RANDOM_WEIGHTS = runs.RANDOM_WEIGHTS
+
+
+def _seaborn():
+    """seaborn (and scipy.stats under it) on first use: most figures, and the kernels of notebooks 01
+    and 04, need none of it."""
+    import seaborn
+
+    return seaborn
+   # the figure title of random-weight runs
 COLUMN, PAGE = 3.5, 7.2               # figure widths in inches: one column, a whole page
 PAPER_STYLE = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "legend.fontsize": 7,
                "xtick.labelsize": 7, "ytick.labelsize": 7, "legend.title_fontsize": 7}
@@ -88,6 +96,7 @@ def counts_plot(counts: pd.DataFrame) -> Figure:
     data = counts.assign(state=counts.label.map({0: "normal", 1: "anomalous"}))
     data = data.groupby(["dataset", "state"], as_index=False)["images"].sum()
     fig, ax = plt.subplots(figsize=(6, 3))
+    sns = _seaborn()
     sns.barplot(data=data, x="dataset", y="images", hue="state", hue_order=["normal", "anomalous"], ax=ax)
     ax.set_title("images per dataset")
     fig.tight_layout()
@@ -147,6 +156,7 @@ def metrics_plot(metrics: pd.DataFrame, columns: Sequence[str] = ("image_auroc",
                      var_name="metric", value_name="value")
     long["where"] = long.dataset + "/" + long.category
     fig, ax = plt.subplots(figsize=(max(5, 0.9 * long["where"].nunique() + 2), 3.2))
+    sns = _seaborn()
     sns.barplot(data=long, x="where", y="value", hue="metric", ax=ax)
     ax.set_ylim(0, 1)
     ax.set_xlabel("")
@@ -159,6 +169,7 @@ def metrics_plot(metrics: pd.DataFrame, columns: Sequence[str] = ("image_auroc",
 
 def score_distributions(scores: pd.DataFrame, title: str = "") -> Figure:
     """Image-score histograms of normal vs anomalous images, one panel per dataset."""
+    sns = _seaborn()
     data = scores.assign(state=scores.label.map({0: "normal", 1: "anomalous"}))
     names = list(dict.fromkeys(data.dataset))
     with paper_style():
@@ -229,6 +240,7 @@ def ablation_bars(table: pd.DataFrame, parameter: str, metric: str = "pixel_auro
                                                 **{parameter: lambda d: d[parameter].map(lambda v: "None" if pd.isna(v) else str(v))})
     with paper_style():
         fig, ax = plt.subplots(figsize=(COLUMN, 2.2))
+        sns = _seaborn()
         sns.barplot(data=data, x=parameter, y="value", hue="dataset", ax=ax, errorbar=None)
         if baseline is not None and np.isfinite(baseline):
             ax.axhline(baseline * 100, color="black", ls="--", lw=1, label=f"{baseline_label} ({baseline * 100:.1f})")

@@ -90,6 +90,7 @@ class FusionCfg(ConfigBase):
     alpha: float = 0.2            # weight of the HSF feature against the class feature
     kmeans: str = "torch"         # "torch": seeded, batched; "sklearn": the reference (per image)
     seed: int = 0                 # k-means seed (the reference's sklearn call is unseeded)
+    max_iter: int = 100           # Lloyd steps at most (an exported graph runs them all)
     smoothing_sigma: float = 4.0  # Gaussian filter on the inference map; 0 disables
 
     def __post_init__(self):
@@ -97,6 +98,8 @@ class FusionCfg(ConfigBase):
             raise ValueError(f"fusion.kmeans must be 'torch' or 'sklearn', got {self.kmeans!r}")
         if self.k_clusters < 1:
             raise ValueError(f"fusion.k_clusters must be >= 1, got {self.k_clusters}")
+        if self.max_iter < 1:
+            raise ValueError(f"fusion.max_iter must be >= 1, got {self.max_iter}")
 
 
 @dataclass
@@ -113,7 +116,7 @@ class AdaCLIPConfig(ConfigBase):
         bb = dict(name="adaclip-tiny", pretrained=None, image_size=32)
         bb.update(backbone_overrides)
         return cls(backbone=BackboneCfg(**bb), prompts=PromptCfg(depth=2, length=2),
-                   fusion=FusionCfg(k_clusters=3))
+                   fusion=FusionCfg(k_clusters=3, max_iter=20))
 
 
 @register
@@ -315,7 +318,7 @@ class AdaCLIP(Method):
             details = {"layer_logits": logits} if return_details else None
             if fc.use_hsf:
                 h, chosen, clusters = hybrid_semantic_fusion(patch, logits, fc.k_clusters, fc.seed, fc.kmeans,
-                                                             return_clusters=True)
+                                                             return_clusters=True, max_iter=fc.max_iter)
                 image_feature = F.normalize(fc.alpha * h + (1 - fc.alpha) * image_feature, dim=-1)
                 if details is not None:
                     details.update(hsf_patches=chosen, hsf_clusters=clusters)

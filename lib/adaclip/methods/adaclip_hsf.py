@@ -72,7 +72,8 @@ def _sklearn_kmeans(x: torch.Tensor, n_clusters: int, seed) -> torch.Tensor:
 
 
 def hybrid_semantic_fusion(patch_features: list[torch.Tensor], layer_logits: list[torch.Tensor],
-                           k_clusters: int, seed: int = 0, method: str = "torch", return_clusters: bool = False):
+                           k_clusters: int, seed: int = 0, method: str = "torch", return_clusters: bool = False,
+                           max_iter: int = 100):
     """patch_features: per layer (B, N, D), L2-normalised; layer_logits: per layer (B, N, 2).
 
     Returns the fused feature h (B, D), L2-normalised: the mean over clusters of each cluster's mean
@@ -87,7 +88,7 @@ def hybrid_semantic_fusion(patch_features: list[torch.Tensor], layer_logits: lis
     if method == "sklearn":
         labels = _sklearn_kmeans(stacked, k_clusters, seed)
     else:
-        labels = kmeans(stacked, k_clusters, seed)
+        labels = kmeans(stacked, k_clusters, seed, max_iter)
     k = min(k_clusters, K)
     # each layer's tokens count as separate rows (reference), so the centre is the layer mean
     mean_tokens = torch.stack(chosen, 0).mean(0)                                  # (B, K, D)
