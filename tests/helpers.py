@@ -21,3 +21,18 @@ def assert_close_to_scale(actual, expected, what: str = "", rel: float = 1e-4) -
     scale = np.abs(e).max() if e.size else 0.0
     worst = np.abs(a - e).max() if e.size else 0.0
     assert worst <= rel * scale, f"{what}: largest difference {worst:.3g} exceeds {rel:g} x the scale {scale:.3g}"
+
+
+def three_image_targets(S: int = 32):
+    """A training batch's ground truth for 3 images: anomalous with two regions, normal (an all-zero
+    mask), anomalous with three regions; (labels, masks, Targets)."""
+    from adaclip.methods import Targets
+
+    masks = torch.zeros(3, S, S)
+    masks[0, 2:9, 3:12] = 1
+    masks[0, 20:30, 18:27] = 1
+    masks[2, 0:5, 0:6] = 1
+    masks[2, 12:17, 14:31] = 1
+    masks[2, 26:32, 2:8] = 1
+    labels = torch.tensor([1, 0, 1])
+    return labels, masks, Targets(labels, masks, torch.ones(3, dtype=torch.bool))

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from adaclip import methods
+from helpers import three_image_targets
 
 FIXTURES = Path(__file__).parent / "fixtures" / "crane"
 RELEASED = FIXTURES / "trained_on_mvtec_crane" / "epoch_5.pth"
@@ -306,15 +307,7 @@ def images(n, seed=1, S=32):
 
 
 def batch_targets(S=32):
-    """3 images: anomalous with two regions, normal (all-zero mask), anomalous with three regions."""
-    masks = torch.zeros(3, S, S)
-    masks[0, 2:9, 3:12] = 1
-    masks[0, 20:30, 18:27] = 1
-    masks[2, 0:5, 0:6] = 1
-    masks[2, 12:17, 14:31] = 1
-    masks[2, 26:32, 2:8] = 1
-    labels = torch.tensor([1, 0, 1])
-    return labels, masks, methods.Targets(labels, masks, torch.ones(3, dtype=torch.bool))
+    return three_image_targets(S)
 
 
 def compare_eval(m, P, prompts, imgs, ref_T=None):

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from adaclip import methods
-from helpers import assert_close_to_scale
+from helpers import assert_close_to_scale, three_image_targets
 
 ATOL = 1e-4
 S = 32
@@ -346,16 +346,8 @@ def images(n=3, seed=1):
     return torch.randn(n, 3, S, S, generator=torch.Generator().manual_seed(seed))
 
 
-def batch_targets():
-    """3 images: anomalous with two regions, normal (all-zero mask), anomalous with three regions."""
-    masks = torch.zeros(3, S, S)
-    masks[0, 2:9, 3:12] = 1
-    masks[0, 20:30, 18:27] = 1
-    masks[2, 0:5, 0:6] = 1
-    masks[2, 12:17, 14:31] = 1
-    masks[2, 26:32, 2:8] = 1
-    labels = torch.tensor([1, 0, 1])
-    return labels, masks, methods.Targets(labels, masks, torch.ones(3, dtype=torch.bool))
+def batch_targets(S=S):
+    return three_image_targets(S)
 
 
 def ref_eval(m, imgs, R):
