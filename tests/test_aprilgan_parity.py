@@ -471,6 +471,13 @@ def test_official_checkpoint(model, text_cache, tmp_path):
     close(out.image_scores, np.array(scores), "image scores with the official heads")
     close(out.pixel_scores, np.stack(maps) / 4, "pixel maps with the official heads")
 
+    # what each release file learned from, as its name says (mvtec_pretrained.pth: trained on MVTec AD,
+    # set beside the published rows of that model); a file of another name: unknown
+    assert m.trained_on is None
+    for stem, data in (("mvtec_pretrained", "mvtec"), ("visa_pretrained", "visa")):
+        torch.save({"trainable_linearlayer": sd}, tmp_path / f"{stem}.pth")
+        assert make_model().load_official_checkpoint(tmp_path / f"{stem}.pth").trained_on == data, stem
+
     # the reference loads strictly: a file missing a head is refused
     bad = dict(sd)
     del bad["fc.3.bias"]

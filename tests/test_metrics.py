@@ -237,6 +237,28 @@ def test_cflow_aupro_equals_the_reference_computation(seed, ties, shards):
     assert note == "" and got == pytest.approx(expected, abs=1e-12)
 
 
+def test_cflow_counts_at_each_threshold_are_the_direct_counts():
+    """Per threshold th: the normal pixels scored above it and the sum over regions of their fraction
+    above it, counted directly (an off-by-one threshold in the cumulative counts moves the whole curve,
+    which the area alone hides when the last thresholds hold no false positives)."""
+    from adaclip.metrics import CflowAupro
+
+    masks, maps = random_case(3, n=4)
+    maps = [s.astype(np.float32) for s in maps]
+    acc = CflowAupro()
+    for s, m in zip(maps, masks):
+        acc.update(s, m)
+    thresholds = acc.thresholds(acc.extent())
+    pro, fp, totals = acc.counts(thresholds)
+    for t, th in enumerate(thresholds):
+        above = [s > th for s in maps]
+        assert fp[t] == sum(int((a & (m == 0)).sum()) for a, m in zip(above, masks)), t
+        regions = [(a, labelled == r) for a, m in zip(above, masks)
+                   for labelled, n in [ndimage.label(m, structure=np.ones((3, 3)))] for r in range(1, n + 1)]
+        assert pro[t] == pytest.approx(sum(a[region].mean() for a, region in regions), abs=1e-9), t
+    assert totals.tolist() == [len(regions), sum(int((m == 0).sum()) for m in masks)]
+
+
 def test_cflow_aupro_undefined_cases_say_why():
     mask = np.zeros((8, 8), np.uint8)
     value, note = _cflow([np.full((8, 8), 0.5, np.float32)], [mask])
