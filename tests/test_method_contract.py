@@ -263,6 +263,15 @@ def test_bad_input_is_a_clear_error(model):
                 model(data, names)
 
 
+def test_release_setting_keeps_its_own_backbone_under_a_partial_override(name):
+    """`from_official(path, backbone={"pretrained": ...})`, the usual offline call, replaces the weights
+    and nothing else of the method's release setting (its interpolation, size, activation stay)."""
+    cls = methods.get(name)
+    own = cls.official_config().backbone.to_dict()
+    given = cls.official_config(backbone={"pretrained": "/weights/ViT.pt"}).backbone.to_dict()
+    assert given == {**own, "pretrained": "/weights/ViT.pt"}
+
+
 def test_it_describes_itself(name):
     """What the harness, the README table and the analysis read of every method."""
     cls = methods.get(name)

@@ -193,15 +193,10 @@ class AdaCLIP(Method):
     def official_config(cls, **overrides) -> AdaCLIPConfig:
         """The setting the official release files were trained in: the paper's defaults with exact GELU.
         ``overrides``: config sections as dicts (``backbone={"pretrained": "/path/ViT-L-14-336px.pt"}``)."""
-        config = AdaCLIPConfig().to_dict()
-        for section, values in overrides.items():
-            if isinstance(values, dict) and isinstance(config.get(section), dict):
-                config[section] = {**config[section], **values}
-            else:
-                config[section] = values
-        if config["backbone"].get("quick_gelu") is None:
-            config["backbone"]["quick_gelu"] = False
-        return AdaCLIPConfig.from_dict(config)
+        config = super().official_config(**overrides)
+        if config.backbone.quick_gelu is None:
+            config.backbone.quick_gelu = False
+        return config
 
     def load_official_checkpoint(self, path: PathLike) -> "AdaCLIP":
         """Load a release file of the reference code (e.g. ``pretrained_all.pth``) into this model

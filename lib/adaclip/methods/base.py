@@ -170,8 +170,16 @@ class Method(nn.Module):
 
     @classmethod
     def official_config(cls, **overrides):
-        """The setting the reference's release files were trained in (the config's defaults)."""
-        return cls.config_class.from_dict(overrides)
+        """The setting the reference's release files were trained in (the config's defaults), with
+        ``overrides`` merged in: a section given as a dict replaces only the fields it names
+        (``backbone={"pretrained": ...}`` keeps the method's own backbone otherwise)."""
+        config = cls.config_class().to_dict()
+        for section, values in overrides.items():
+            if isinstance(values, dict) and isinstance(config.get(section), dict):
+                config[section] = {**config[section], **values}
+            else:
+                config[section] = values
+        return cls.config_class.from_dict(config)
 
     @classmethod
     def from_official(cls, path: PathLike, **overrides) -> "Method":

@@ -172,10 +172,6 @@ class GlocalCLIP(AnomalyCLIP):
 
     # ---------------------------------------------------------------- release-layout files
     @classmethod
-    def official_config(cls, **overrides) -> GlocalCLIPConfig:
-        return GlocalCLIPConfig.from_dict(overrides)
-
-    @classmethod
     def from_official(cls, path: PathLike, **overrides) -> "GlocalCLIP":
         """A file in the reference's layout, in the setting its shapes give (the four lengths, and the
         auxiliary dataset where they are one of train.sh's settings)."""
