@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from . import compare
 from .config import activation_name
 from .io import atomic_path, write_csv
 from .metric_keys import METRIC_KEYS
@@ -45,10 +46,18 @@ class Runs:
     scores: pd.DataFrame
     curves: pd.DataFrame     # pixel ROC / PR points (empty where a run has none)
     logs: dict               # run name -> train_log.csv (absent for runs without one)
+    results_dir: Optional[Path] = None
+    _data: dict = field(default_factory=dict, repr=False)
 
     @property
     def random_weights(self) -> bool:
         return any(c.get("backbone_weights") == "random" for c in self.configs.values())
+
+    def data(self, run: str) -> "compare.RunData":
+        """A run's metrics, scores and bootstrap replicates, as the paired comparisons read them (cached)."""
+        if run not in self._data:
+            self._data[run] = compare.read_run(self.results_dir, run)
+        return self._data[run]
 
 
 def load_runs(results_dir: PathLike, runs: Sequence[str]) -> Runs:
@@ -70,7 +79,7 @@ def load_runs(results_dir: PathLike, runs: Sequence[str]) -> Runs:
         if (folder / "train_log.csv").is_file():
             logs[run] = pd.read_csv(folder / "train_log.csv")
     cat = lambda frames: pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()  # noqa: E731
-    return Runs(configs, cat(metrics), cat(scores), cat(curves), logs)
+    return Runs(configs, cat(metrics), cat(scores), cat(curves), logs, results_dir)
 
 
 def trained_on(config: dict) -> Optional[str]:
@@ -192,10 +201,37 @@ def qualitative_examples(runs: Runs, results_dir: PathLike, n: int = 3) -> dict:
 
 def swept_parameters(table: pd.DataFrame) -> list[str]:
     """The parameters of a sweep table that take more than one value."""
-    skip = {"config_id", "status", "error", "backbone_weights", "dataset", "category", "images", "anomalous",
-            "image_threshold", "pixel_threshold", *METRIC_KEYS}
+    skip = {"config_id", "group", "status", "error", "backbone_weights", "dataset", "category", "images", "anomalous",
+            "image_threshold", "pixel_threshold", *METRIC_KEYS, *(f"{m}_{b}" for m in METRIC_KEYS for b in ("lo", "hi"))}
+    if "group" in table and (table.group.astype(str) != table.config_id.astype(str)).any():
+        skip.add("seed")                  # a seed axis: seed_summary reports it, not an ablation bar
     # a parameter a configuration leaves at its default (None, NaN in sweep.csv) is a value of its own
     return [c for c in table.columns if c not in skip and table[c].map(str).nunique() > 1]
+
+
+def seed_summary(table: pd.DataFrame, metrics_shown: Sequence[str] = METRIC_KEYS, percent: bool = True) -> pd.DataFrame:
+    """A sweep with a seed axis (sweep.csv, ``group`` = the configuration without its seed): per
+    configuration, dataset and metric, the mean and standard deviation across training seeds, beside the
+    mean half-width of each seed's own 95% bootstrap interval over test images, kept apart (two sources
+    of variation: which prompts training found, which test images were drawn). Configurations of one
+    seed get no standard deviation."""
+    rows = table[table.get("status", pd.Series("", index=table.index)) != "failed"]
+    if "group" not in rows:
+        rows = rows.assign(group=rows.config_id)
+    levels = dataset_rows(rows.dropna(subset=["dataset"]).rename(columns={"config_id": "run"}))
+    out = []
+    for (group, dataset), g in levels.groupby(["group", "dataset"], sort=False):
+        for metric in [m for m in metrics_shown if m in g and g[m].notna().any()]:
+            values = g[metric].dropna()
+            half = ((g[f"{metric}_hi"] - g[f"{metric}_lo"]) / 2).dropna() if f"{metric}_lo" in g else pd.Series(dtype=float)
+            out.append({"group": group, "dataset": dataset, "metric": metric, "seeds": len(values),
+                        "mean": values.mean(), "std_across_seeds": values.std(ddof=1) if len(values) > 1 else np.nan,
+                        "bootstrap_half_width": half.mean() if len(half) else np.nan})
+    result = pd.DataFrame(out, columns=["group", "dataset", "metric", "seeds", "mean", "std_across_seeds",
+                                        "bootstrap_half_width"])
+    if percent:
+        result[["mean", "std_across_seeds", "bootstrap_half_width"]] *= 100
+    return result
 
 
 def dataset_rows(metrics: pd.DataFrame) -> pd.DataFrame:
@@ -270,8 +306,14 @@ def beside_published(metrics: pd.DataFrame, info: pd.DataFrame, published: pd.Da
     numbers for: the compact layout of a paper (datasets x methods), ours beside theirs."""
     table = paper_table(metrics, columns, published=published, info=info)
     own = {f"{name} [{row.trained_on_text}]" for name, row in info.iterrows()}
-    return {metric: table[[metric]] for metric in dict.fromkeys(table.columns.get_level_values(0))
-            if set(table[metric].columns) - own}
+    out = {}
+    for metric in dict.fromkeys(table.columns.get_level_values(0)):
+        labels = list(table[metric].columns)
+        # each run that has published columns beside it (narrow: runs without any stand in the main table)
+        kept = [c for i, c in enumerate(labels) if c not in own or (i + 1 < len(labels) and labels[i + 1] not in own)]
+        if set(kept) - own:
+            out[metric] = table[[(metric, c) for c in kept]]
+    return out
 
 
 def source_paper(source: str) -> str:
@@ -281,12 +323,16 @@ def source_paper(source: str) -> str:
     return re.split(r"\s+Table\b", plain)[0].strip()
 
 
-def long_table(table: pd.DataFrame) -> pd.DataFrame:
+def long_table(table: pd.DataFrame, index: Optional[pd.Index] = None) -> pd.DataFrame:
     """A `paper_table` with a row per dataset and metric and a column per run: as narrow as the number
-    of runs, for a screen or summary.md (the written tables keep the paper layout); best per row."""
+    of runs, for a screen or summary.md (the written tables keep the paper layout); best per row.
+    ``index``: the rows to keep (another table's `long_table` index), instead of the defined ones."""
     long = table.stack(level=0, future_stack=True)
     metrics = list(dict.fromkeys(table.columns.get_level_values(0)))
     long = long.reindex(pd.MultiIndex.from_product([list(table.index), metrics], names=["dataset", "metric"]))
+    if index is not None:
+        long.index = long.index.set_levels([METRIC_NAMES.get(m, m) for m in long.index.levels[1]], level=1)
+        return long.reindex(index)[list(dict.fromkeys(table.columns.get_level_values(1)))]
     long = long.dropna(how="all")
     long.index = long.index.set_levels([METRIC_NAMES.get(m, m) for m in long.index.levels[1]], level=1)
     return long[list(dict.fromkeys(table.columns.get_level_values(1)))]
@@ -317,63 +363,237 @@ def best_cells(table: pd.DataFrame, by: str = "auto") -> pd.DataFrame:
     return values.notna() & np.isclose(values, best)
 
 
+TIE = "≈"                               # tied for best: the paired test does not tell it from the best
+INTERVAL_NOTE = ("each value with its 95% bootstrap interval over the test images, [lo, hi]; **bold**: the best, "
+                 f"and better than every other run by a paired bootstrap test (p < 0.05); {TIE}: tied for the best "
+                 "(the paired test does not tell them apart)")
+
+
+@dataclass
+class Intervals:
+    """A table's 95% intervals and significance marks, cell for cell (same index and columns):
+    ``marks`` "best" where the best of its row and metric beats every other run (paired bootstrap test,
+    p < 0.05), "tie" for the best and every run the test does not tell from it, "" otherwise."""
+    lo: pd.DataFrame
+    hi: pd.DataFrame
+    marks: pd.DataFrame
+
+    def long(self, table: pd.DataFrame) -> "Intervals":
+        """The same for `long_table(table)`."""
+        index = long_table(table).index
+        return Intervals(*[long_table(part, index=index) for part in (self.lo, self.hi, self.marks)])
+
+
+def _column_runs(runs: Runs, table: pd.DataFrame, info: Optional[pd.DataFrame]) -> dict:
+    """{column label: run} for a table's run columns (published columns left out)."""
+    names = {r: r for r in runs.configs}
+    if "run_label" in runs.metrics:
+        names.update(dict(zip(runs.metrics.run_label, runs.metrics.run)))
+    if info is not None:
+        for label, row in info.iterrows():
+            names[label] = names[f"{label} [{row.trained_on_text}]"] = row.run
+    return names
+
+
+def table_intervals(runs: Runs, table: pd.DataFrame, info: Optional[pd.DataFrame] = None,
+                    percent: bool = True) -> Intervals:
+    """The intervals and marks of a `paper_table` (rows: datasets and their mean; columns: metric x run)
+    from the runs' bootstrap replicates: a dataset's interval as in its metrics.csv mean row, the mean
+    row's over the datasets replicate by replicate. Runs without replicates (evaluated with bootstrap=0)
+    get no interval, and no run of a row is marked unless every pair of its runs could be tested."""
+    scale = 100 if percent else 1
+    names = _column_runs(runs, table, info)
+    lo, hi = table * np.nan, table * np.nan
+    marks = pd.DataFrame("", index=table.index, columns=table.columns)
+    for metric, label in table.columns:
+        run = names.get(label)
+        if run is None or run not in runs.configs:
+            continue
+        for dataset in table.index:
+            _, l, h = compare.run_interval(runs.data(run), None if dataset == "mean" else dataset, metric)
+            lo.loc[dataset, (metric, label)], hi.loc[dataset, (metric, label)] = l * scale, h * scale
+    tested: dict = {}
+    for metric in dict.fromkeys(table.columns.get_level_values(0)):
+        columns = [(label, names[label]) for label in table[metric].columns if names.get(label) in runs.configs]
+        for dataset in table.index:
+            values = [(table.loc[dataset, (metric, label)], label, run) for label, run in columns]
+            values = sorted([v for v in values if np.isfinite(v[0])], key=lambda v: -v[0])
+            if len(values) < 2:
+                continue
+            best = values[0]
+            p = [_paired_p(runs, best[2], other[2], dataset, metric, tested) for other in values[1:]]
+            if any(x is None for x in p):
+                continue
+            tie = [best] + [o for o, x in zip(values[1:], p) if not x < compare.ALPHA]
+            for _, label, _ in tie:
+                marks.loc[dataset, (metric, label)] = "best" if len(tie) == 1 else "tie"
+    return Intervals(lo, hi, marks)
+
+
+def _paired_p(runs: Runs, a: str, b: str, dataset: str, metric: str, tested: dict) -> Optional[float]:
+    """The paired bootstrap p-value of runs a and b (None where they cannot be paired)."""
+    if (a, b) not in tested:
+        try:
+            compare.check_paired(runs.data(a), runs.data(b))
+            tested[(a, b)] = True
+        except (ValueError, FileNotFoundError):
+            tested[(a, b)] = False
+    if not tested[(a, b)]:
+        return None
+    p = compare.paired(runs.data(a), runs.data(b), None if dataset == "mean" else dataset, metric)["p_value"]
+    return p if np.isfinite(p) else None
+
+
+def _cells(table: pd.DataFrame, digits: int, intervals: Optional[Intervals], bold: pd.DataFrame,
+           tie: str = TIE) -> pd.DataFrame:
+    """The table's cells as text: value, [lo, hi] where there is an interval, the tie mark; and bold."""
+    cells = table.copy().astype(object)
+    for c in range(table.shape[1]):
+        for r in range(table.shape[0]):
+            v = table.iat[r, c]
+            text = UNDEFINED if pd.isna(v) else f"{v:.{digits}f}"
+            if intervals is not None and not pd.isna(v) and np.isfinite(intervals.lo.iat[r, c]):
+                text += f" [{intervals.lo.iat[r, c]:.{digits}f}, {intervals.hi.iat[r, c]:.{digits}f}]"
+            if intervals is not None and intervals.marks.iat[r, c] == "tie":
+                text += f" {tie}"
+            cells.iat[r, c] = text
+    return cells
+
+
+def _bold(table: pd.DataFrame, by: str, intervals: Optional[Intervals]) -> pd.DataFrame:
+    """Bold cells: the significant best with intervals, else the best by value (`best_cells`)."""
+    if intervals is not None:
+        return intervals.marks == "best"
+    return best_cells(table, by)
+
+
+def overall_table(table: pd.DataFrame, intervals: Optional[Intervals] = None) -> tuple[pd.DataFrame, Optional[Intervals]]:
+    """A `paper_table`'s mean row as the ablation layout (rows: runs, columns: metrics), with its
+    intervals and marks the same way."""
+    metrics, names = (list(dict.fromkeys(table.columns.get_level_values(k))) for k in (0, 1))
+    pick = lambda t: t.loc["mean"].unstack(0).reindex(index=names, columns=metrics).rename_axis("run")  # noqa: E731
+    out = pick(table).astype(float).dropna(axis=1, how="all")
+    if intervals is None:
+        return out, None
+    return out, Intervals(*[pick(part)[out.columns] for part in (intervals.lo, intervals.hi, intervals.marks)])
+
+
+def single_metric(table: pd.DataFrame, intervals: Optional[Intervals] = None) -> tuple[pd.DataFrame, Optional[Intervals]]:
+    """A one-metric table (`beside_published`) without its metric header row, and its intervals."""
+    drop = lambda t: t.droplevel(0, axis=1)  # noqa: E731
+    return drop(table), None if intervals is None else Intervals(*[drop(p) for p in (intervals.lo, intervals.hi,
+                                                                                    intervals.marks)])
+
+
+def comparison_view(comparison: pd.DataFrame, digits: int = 1):
+    """`compare` rows as a notebook shows them: per metric and dataset, each run against the reference,
+    difference [interval] in points, the p-values, the verdict at 5% (Holm-corrected)."""
+    return _comparison_text(comparison, digits).style.hide(axis="index")
+
+
+def comparison_markdown(comparison: pd.DataFrame, digits: int = 1) -> str:
+    """`compare` rows for summary.md."""
+    note = ("Difference = reference − run, in points, with its paired-bootstrap 95% interval; p: paired "
+            "bootstrap, p (Holm): corrected across the datasets; DeLong: image AUROC only; verdict at 5%.")
+    return note + "\n\n" + _comparison_text(comparison, digits).to_markdown(index=False, disable_numparse=True)
+
+
+def _comparison_text(comparison: pd.DataFrame, digits: int) -> pd.DataFrame:
+    fmt = lambda v, spec: UNDEFINED if pd.isna(v) else format(v, spec)  # noqa: E731
+    rows = comparison.dropna(subset=["difference"])
+    return pd.DataFrame({
+        "metric": rows.metric.map(lambda m: METRIC_NAMES.get(m, m)), "dataset": rows.dataset,
+        "reference": rows.run_a, "run": rows.run_b,
+        "difference [95%]": [f"{d * 100:+.{digits}f} [{lo * 100:+.{digits}f}, {hi * 100:+.{digits}f}]"
+                             if pd.notna(lo) else f"{d * 100:+.{digits}f}"
+                             for d, lo, hi in zip(rows.difference, rows.difference_lo, rows.difference_hi)],
+        "p": rows.p_value.map(lambda v: fmt(v, ".3f")), "p (Holm)": rows.p_holm.map(lambda v: fmt(v, ".3f")),
+        "DeLong p": rows.delong_p.map(lambda v: fmt(v, ".3f")),
+        "verdict": [compare.verdict(r) for _, r in rows.iterrows()]})
+
+
 def _flat_columns(table: pd.DataFrame) -> list[str]:
     if isinstance(table.columns, pd.MultiIndex):
         return [f"{METRIC_NAMES.get(m, m)} {v}" for m, v in table.columns]
     return [METRIC_NAMES.get(c, str(c)) for c in table.columns]
 
 
-def to_markdown(table: pd.DataFrame, digits: int = 1, by: str = "auto") -> str:
-    """Markdown with the best values in bold (`best_cells`) and undefined ones as —."""
-    bold = best_cells(table, by)
-    cells = table.copy().astype(object)
+def to_markdown(table: pd.DataFrame, digits: int = 1, by: str = "auto", intervals: Optional[Intervals] = None) -> str:
+    """Markdown with the best values in bold (`best_cells`) and undefined ones as —. With ``intervals``
+    (`table_intervals`): each value with its interval, bold only the significant best, ties marked."""
+    bold = _bold(table, by, intervals)
+    cells = _cells(table, digits, intervals, bold)
     for c in range(table.shape[1]):
         for r in range(table.shape[0]):
-            v = table.iat[r, c]
-            text = UNDEFINED if pd.isna(v) else f"{v:.{digits}f}"
-            cells.iat[r, c] = f"**{text}**" if not pd.isna(v) and bold.iat[r, c] else text
+            if not pd.isna(table.iat[r, c]) and bold.iat[r, c]:
+                cells.iat[r, c] = f"**{cells.iat[r, c]}**"
     cells.columns = _flat_columns(table)
     if isinstance(cells.index, pd.MultiIndex):     # one column per level, not tuples
         return cells.reset_index().to_markdown(index=False, disable_numparse=True, stralign="right")
     return cells.to_markdown(disable_numparse=True, stralign="right")
 
 
-def styled(table: pd.DataFrame, digits: int = 1, by: str = "auto"):
-    """The table as a notebook shows it: best values in bold, undefined ones as —, as in the Markdown."""
-    bold = best_cells(table, by)
+def styled(table: pd.DataFrame, digits: int = 1, by: str = "auto", intervals: Optional[Intervals] = None):
+    """The table as a notebook shows it: best values in bold, undefined ones as —, as in the Markdown
+    (with ``intervals``: values with their intervals, the significant best bold, ties marked)."""
+    bold = _bold(table, by, intervals)
+    if intervals is not None:
+        return _cells(table, digits, intervals, bold).style.apply(
+            lambda _: np.where(bold, "font-weight: bold;", ""), axis=None)
     return table.style.format(precision=digits, na_rep=UNDEFINED).apply(
         lambda _: np.where(bold, "font-weight: bold;", ""), axis=None)
 
 
 def metrics_view(metrics: pd.DataFrame, digits: int = 1):
-    """A ``metrics.csv`` table as a notebook shows it: metrics in percent, undefined ones as — (as in
-    every other table), and the reasons once each under the table instead of a long column."""
+    """A ``metrics.csv`` table as a notebook shows it: metrics in percent with their 95% intervals
+    ``[lo, hi]`` where evaluated with them, undefined ones as — (as in every other table), and the
+    reasons once each under the table instead of a long column."""
     shown = [m for m in METRIC_KEYS if m in metrics and metrics[m].notna().any()]
-    table = metrics[["dataset", "category", "images", "anomalous"]].join(metrics[shown] * 100)
-    table = table.rename(columns={m: METRIC_NAMES[m] for m in shown})
+    table = metrics[["dataset", "category", "images", "anomalous"]].copy()
+    for m in shown:
+        lo, hi = (metrics.get(f"{m}_{b}", pd.Series(np.nan, index=metrics.index)) * 100 for b in ("lo", "hi"))
+        table[METRIC_NAMES[m]] = [UNDEFINED if pd.isna(v) else f"{v:.{digits}f}" +
+                                  (f" [{a:.{digits}f}, {b:.{digits}f}]" if pd.notna(a) else "")
+                                  for v, a, b in zip(metrics[m] * 100, lo, hi)]
     notes = sorted({n for note in metrics.get("note", pd.Series(dtype=str)).fillna("") for n in note.split("; ") if n})
-    caption = "Percent; — undefined: " + "; ".join(notes) if notes else "Percent"
-    return table.style.format(precision=digits, na_rep=UNDEFINED).hide(axis="index").set_caption(caption)
+    caption = "Percent" + (", each with its 95% bootstrap interval over the test images [lo, hi]"
+                           if any(f"{m}_lo" in metrics and metrics[f"{m}_lo"].notna().any() for m in shown) else "")
+    caption += "; — undefined: " + "; ".join(notes) if notes else ""
+    return table.style.hide(axis="index").set_caption(caption)
 
 
-def to_latex(table: pd.DataFrame, digits: int = 1, caption: str = "") -> str:
-    """A LaTeX tabular (pandas Styler, booktabs rules), best values in \\textbf, undefined ones as ---."""
-    bold = best_cells(table)
-    styler = table.style.format(precision=digits, na_rep="---").apply(
-        lambda _: np.where(bold, "font-weight: bold;", ""), axis=None)
+def to_latex(table: pd.DataFrame, digits: int = 1, caption: str = "", intervals: Optional[Intervals] = None) -> str:
+    """A LaTeX tabular (pandas Styler, booktabs rules), best values in \\textbf, undefined ones as ---
+    (with ``intervals``: values with their intervals, the significant best bold, ties $\\approx$)."""
+    bold = _bold(table, "auto", intervals)
+    if intervals is not None:
+        cells = _cells(table, digits, intervals, bold, tie="$\\approx$").replace(UNDEFINED, "---")
+        styler = cells.style.apply(lambda _: np.where(bold, "font-weight: bold;", ""), axis=None)
+    else:
+        styler = table.style.format(precision=digits, na_rep="---").apply(
+            lambda _: np.where(bold, "font-weight: bold;", ""), axis=None)
     if isinstance(table.columns, pd.MultiIndex):
         styler = styler.format_index(lambda m: METRIC_NAMES.get(m, m), axis=1, level=0)
     return styler.to_latex(convert_css=True, hrules=True, caption=caption or None, multicol_align="c")
 
 
-def write_table(table: pd.DataFrame, stem: PathLike, digits: int = 1, caption: str = "") -> dict:
-    """``stem``.csv, .md and .tex, each written atomically; returns their paths."""
+def write_table(table: pd.DataFrame, stem: PathLike, digits: int = 1, caption: str = "",
+                intervals: Optional[Intervals] = None) -> dict:
+    """``stem``.csv, .md and .tex, each written atomically; returns their paths. With ``intervals``
+    the CSV has a ``lo`` and ``hi`` column after each value, the others show them in brackets."""
     stem = Path(stem)
     paths = {ext: stem.with_suffix(f".{ext}") for ext in ("csv", "md", "tex")}
     flat = table.copy()
     flat.columns = _flat_columns(table)
+    if intervals is not None:
+        parts = []
+        for k, name in enumerate(flat.columns):
+            parts += [flat.iloc[:, k].rename(name), intervals.lo.iloc[:, k].rename(f"{name} lo"),
+                      intervals.hi.iloc[:, k].rename(f"{name} hi")]
+        flat = pd.concat(parts, axis=1)
     write_csv(paths["csv"], flat.reset_index())
-    for ext, text in (("md", to_markdown(table, digits)), ("tex", to_latex(table, digits, caption))):
+    for ext, text in (("md", to_markdown(table, digits, intervals=intervals)),
+                      ("tex", to_latex(table, digits, caption, intervals))):
         with atomic_path(paths[ext]) as tmp:
             tmp.write_text(text + "\n")
     return paths
@@ -404,7 +624,8 @@ def published_results(path: PathLike = PUBLISHED) -> pd.DataFrame:
     return df
 
 
-REPRODUCTION_COLUMNS = ["run", "method", "dataset", "metric", "ours", "published", "difference", "published_method",
+REPRODUCTION_COLUMNS = ["run", "method", "dataset", "metric", "ours", "ours_lo", "ours_hi", "published", "inside",
+                        "difference", "published_method",
                         "trained_on_ours", "trained_on_published", "same_training", "random_weights", "source", "note"]
 
 
@@ -421,7 +642,10 @@ def reproduction_table(runs: Runs, published: Optional[pd.DataFrame] = None,
     per = dataset_rows(runs.metrics)
     shown = [m for m in metrics_shown if m in per and m in published]
     ours = per.melt(id_vars=["run", "dataset"], value_vars=shown, var_name="metric", value_name="ours")
-    ours["ours"] *= 100
+    for bound in ("lo", "hi"):        # the 95% interval of each dataset row (metrics.csv; NaN without one)
+        ours[f"ours_{bound}"] = [per[f"{m}_{bound}"].iloc[i] if f"{m}_{bound}" in per else np.nan
+                                 for m, i in zip(ours.metric, np.tile(np.arange(len(per)), len(shown)))]
+    ours[["ours", "ours_lo", "ours_hi"]] *= 100
     frames = []
     for run, config in runs.configs.items():
         method = method_of(config)
@@ -438,7 +662,10 @@ def reproduction_table(runs: Runs, published: Optional[pd.DataFrame] = None,
         t = long.rename(columns={"method": "published_method", "trained_on": "trained_on_published"}).merge(
             mine, on=["dataset", "metric"], how="left")
         ours_trained = trained_on(config)
-        t = t.assign(run=run, method=method, difference=t.ours - t.published, trained_on_ours=ours_trained,
+        # a published number inside our interval (rounded as published, to one decimal)
+        inside = np.where(t.ours_lo.notna(), (t.published >= t.ours_lo.round(1)) & (t.published <= t.ours_hi.round(1)),
+                          None)
+        t = t.assign(run=run, method=method, difference=t.ours - t.published, trained_on_ours=ours_trained, inside=inside,
                      random_weights=random, same_training=t.trained_on_published.fillna("") == ours_trained,
                      note=np.where(t.ours.isna(), "ours undefined or not computed", ""))
         frames.append(t)
@@ -458,8 +685,12 @@ def reproduction_markdown(table: pd.DataFrame) -> str:
         shown = pd.DataFrame({"run": compared.run, "dataset": compared.dataset,
                               "metric": compared.metric.map(lambda m: METRIC_NAMES.get(m, m))})
         dagger = np.where(compared.random_weights.astype(bool), " †", "")
-        shown["ours"] = [UNDEFINED if pd.isna(v) else f"{v:.1f}{m}" for v, m in zip(compared.ours, dagger)]
+        shown["ours [95% interval]"] = [
+            UNDEFINED if pd.isna(v) else f"{v:.1f}" + (f" [{lo:.1f}, {hi:.1f}]" if pd.notna(lo) else "") + m
+            for v, lo, hi, m in zip(compared.ours, compared.ours_lo, compared.ours_hi, dagger)]
         shown["published"] = compared.published.map(lambda v: f"{v:.1f}")
+        shown["inside ours"] = compared.inside.map(lambda v: UNDEFINED if v is None or pd.isna(v) else
+                                                   ("yes" if v else "no"))
         shown["difference"] = [UNDEFINED if pd.isna(v) else f"{v:+.1f}{m}" for v, m in zip(compared.difference, dagger)]
         shown["trained on (ours / published)"] = [
             f"{trained_on_text(o)} / {trained_on_text(p or '')}" + ("" if same else f" {MISMATCH}")
@@ -484,16 +715,18 @@ def reproduction_markdown(table: pd.DataFrame) -> str:
 
 
 def summary_markdown(runs: Runs, tables: dict, figures: dict, title: str = "AdaCLIP analysis",
-                     base: Optional[PathLike] = None, with_figures: bool = True) -> str:
+                     base: Optional[PathLike] = None, with_figures: bool = True, with_tables: bool = True) -> str:
     """The text of ``summary.md``: the runs, every table in Markdown, every figure linked (relative to
-    ``base``; ``with_figures=False`` only counts them, for a notebook that shows them already), whether
-    real or random backbone weights were used, and the package versions."""
+    ``base``; ``with_figures=False`` / ``with_tables=False`` only list them, for a notebook that shows
+    them already), whether real or random backbone weights were used, and the package versions."""
     lines = [f"# {title}", ""]
     if runs.random_weights:
         lines += [f"> **Warning:** at least one run used {RANDOM_WEIGHTS}.", ""]
     described = pd.DataFrame({r: describe(c) for r, c in runs.configs.items()}).T
     lines += ["## Runs", "", described.to_markdown(), ""]
-    for name, table in tables.items():
+    if not with_tables and tables:
+        lines += ["## Tables", "", *[f"- {name}" for name in tables], ""]
+    for name, table in tables.items() if with_tables else ():
         text = table if isinstance(table, str) else to_markdown(table)
         lines += [f"## {name}", "", text, ""]
     if figures and with_figures:

@@ -113,7 +113,11 @@ class EvalCfg(ConfigBase):
     pixel_metric_size: Optional[int] = None  # None: evaluate maps at the model's input size
     k_shot: int = 0                     # normal reference images per category (few-shot); 0 = zero-shot
     shot_seed: int = 0                  # which references are drawn from the normal training images
+    bootstrap: int = 1000               # replicates of the 95% intervals over test images (bootstrap.py); 0: none
+    bootstrap_seed: int = 0             # which images each replicate draws (the same for every run: paired tests)
 
     def __post_init__(self):
         if self.k_shot < 0:
             raise ValueError(f"evaluation k_shot must be >= 0, got {self.k_shot}")
+        if self.bootstrap < 0:
+            raise ValueError(f"evaluation bootstrap (replicates) must be >= 0 (0: no intervals), got {self.bootstrap}")

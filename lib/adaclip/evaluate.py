@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import bootstrap, distributed
 from .config import EvalCfg
 from .data import AnomalyDataset, check, read_manifests
 from .data.dataset import collate
@@ -83,8 +83,17 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
     loop_threads, model_threads = (1, torch.get_num_threads()) if device.type == "cpu" and workers else (None, None)
     keys = list(dict.fromkeys(zip(df.dataset, df.category)))
     key_of = list(zip(df.dataset, df.category))
+    # the bootstrap: each image's column among its category's images, each category's resample counts
+    rows_of = {key: np.flatnonzero((df.dataset == key[0]).values & (df.category == key[1]).values) for key in keys}
+    column = np.zeros(len(df), np.int64)
+    for rows in rows_of.values():
+        column[rows] = np.arange(len(rows))
+    resamples = {key: bootstrap.resample_counts(df.label.values[rows], cfg.bootstrap, cfg.bootstrap_seed, *key)
+                 for key, rows in rows_of.items()} if cfg.bootstrap else {}
     # one accumulator per category with pixel ground truth (none for image-level datasets), on the device
-    pixels = {key: PixelAccumulator(fpr_limit=cfg.aupro_fpr_limit, aupro=cfg.aupro, device=device)
+    pixels = {key: PixelAccumulator(fpr_limit=cfg.aupro_fpr_limit, aupro=cfg.aupro, device=device,
+                                    replicates=bootstrap.PixelReplicates(resamples[key], device=device)
+                                    if cfg.bootstrap else None)
               for key in dict.fromkeys(k for k, m in zip(key_of, dataset.has_mask) if m)}
     cflow = {key: CflowAupro(fpr_limit=cfg.aupro_fpr_limit) for key in pixels} if cfg.aupro_cflow else {}
     scored_index, scored_values, scored_parts = [], [], []
@@ -92,7 +101,8 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
     # a category's cflow counts need all its maps: without ranks to agree with, the writer counts
     # each category as soon as its last map arrives, beside the loop, instead of all after it
     last = Counter(key_of[i] for i in mine if dataset.has_mask[i]) if not distributed.active() else {}
-    writer = MapWriter(df, cflow, maps_dir, last) if (cflow or maps_dir is not None) else None
+    writer = MapWriter(df, cflow, maps_dir, last, column=column, resamples=resamples) \
+        if (cflow or maps_dir is not None) else None
 
     # the bar never holds the loader: a notebook's progress widget outlives the call, and workers freed
     # later by the garbage collector take seconds each to stop (freed here when the loop ends)
@@ -126,7 +136,8 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
                 for key, js in groups.items():
                     # a run of the batch (the usual case, test sets sorted by category) as a view, no copy
                     sel = slice(js[0], js[-1] + 1) if js[-1] - js[0] == len(js) - 1 else torch.tensor(js, device=device)
-                    pixels[key].update(maps[sel], masks[sel], [batch["regions"][j] for j in js] if "regions" in batch else None)
+                    pixels[key].update(maps[sel], masks[sel], [batch["regions"][j] for j in js] if "regions" in batch else None,
+                                       images=[int(column[index[j]]) for j in js])
                 if writer is not None:
                     writer.submit(maps, masks, index, [bool(h) for h in batch["has_mask"]], batch.get("regions"))
     finally:
@@ -154,7 +165,7 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
             scores[sel] = model.finalize_scores(parts[sel])
     for acc in pixels.values():
         acc.set_counts(*[distributed.sum_array(a) for a in acc.counts()])
-    cflow_values = {key: writer.finished[key] if key in writer.finished else _cflow_aupro(acc)
+    cflow_values = {key: writer.finished[key] if key in writer.finished else _cflow_aupro(acc, resamples.get(key))
                     for key, acc in cflow.items()}
 
     rows, scored = [], df[["dataset", "category", "image", *(["crop"] if "crop" in df else []), "label"]].copy()
@@ -162,7 +173,7 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
     for key in keys:
         sel = (df.dataset == key[0]).values & (df.category == key[1]).values
         m = summarize(df.label.values[sel], scores[sel], pixels.get(key),
-                      cflow_values.get(key, (np.nan, "pixel_aupro_cflow not computed (aupro_cflow=False)")))
+                      cflow_values.get(key, (np.nan, "pixel_aupro_cflow not computed (aupro_cflow=False)", None))[:2])
         if transductive:
             m["note"] = "; ".join(filter(None, [TRANSDUCTIVE_NOTE, m["note"]]))
         rows.append({"dataset": key[0], "category": key[1], "images": int(sel.sum()),
@@ -170,7 +181,9 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
         if np.isfinite(m["image_threshold"]):
             scored.loc[sel, "threshold"] = m["image_threshold"]
             scored.loc[sel, "decision"] = (scores[sel] >= m["image_threshold"]).astype(int)
-    metrics = _with_means(rows)
+    deviations = _deviations(keys, rows_of, df.label.values, scores, resamples, pixels, cflow_values, cfg) \
+        if cfg.bootstrap else None
+    metrics = with_intervals(_with_means(rows), keys, deviations)
     # curve points and thresholds are for the run folder; validation during training needs neither
     curves = pixel_curves(pixels) if run_dir is not None else None
     if run_dir is not None and distributed.is_main():
@@ -178,7 +191,12 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
         write_csv(Path(run_dir) / "scores.csv", scored)
         write_csv(Path(run_dir) / "pixel_curves.csv", curves)
         write_json(Path(run_dir) / THRESHOLDS, decision_thresholds(metrics, scored, pixels))
+        if deviations is not None:
+            bootstrap.save(Path(run_dir) / bootstrap.FILE, keys, deviations, cfg.bootstrap, cfg.bootstrap_seed)
+        else:
+            Path(run_dir, bootstrap.FILE).unlink(missing_ok=True)     # never another evaluation's replicates
         update_config(run_dir, model=model.cfg.to_dict(), evaluation=cfg.to_dict(),
+                      intervals=bootstrap.settings(cfg.bootstrap, cfg.bootstrap_seed) if cfg.bootstrap else None,
                       method=model.name, published_name=model.published_name, test_manifests=df.attrs.get("paths"),
                       test_root=str(data_root),
                       few_shot={"k_shot": cfg.k_shot, "seed": cfg.shot_seed, "references": reference_list(drawn)},
@@ -201,8 +219,11 @@ class MapWriter:
     the loop."""
 
     def __init__(self, df: pd.DataFrame, cflow: dict, maps_dir: Optional[Path], left: Optional[dict] = None,
-                 in_flight: int = 4):
+                 in_flight: int = 4, column: Optional[np.ndarray] = None, resamples: Optional[dict] = None):
         self.df, self.cflow, self.maps_dir, self.in_flight = df, cflow, maps_dir, in_flight
+        # each image's column in its category's bootstrap counts, and those counts (none: no intervals)
+        self.column = np.zeros(len(df), np.int64) if column is None else column
+        self.resamples = resamples or {}
         self.left, self.finished = Counter(left or {}), {}
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maps")
         self.pending: list[Future] = []
@@ -222,11 +243,11 @@ class MapWriter:
         for j, i in enumerate(index):
             key = (self.df.at[i, "dataset"], self.df.at[i, "category"])
             if has_mask[j] and self.cflow:
-                self.cflow[key].update(maps[j], masks[j], regions[j] if regions else None)
+                self.cflow[key].update(maps[j], masks[j], regions[j] if regions else None, image=int(self.column[i]))
                 if key in self.left:                       # else (under torchrun) counted after the loop
                     self.left[key] -= 1
                     if self.left[key] == 0:
-                        self.finished[key] = _cflow_aupro(self.cflow[key])
+                        self.finished[key] = _cflow_aupro(self.cflow[key], self.resamples.get(key))
             if self.maps_dir is not None:
                 with atomic_path(self.maps_dir / f"{i:06d}.npz") as tmp:
                     with open(tmp, "wb") as f:
@@ -252,12 +273,56 @@ def _to_host(t: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.cuda.Event]]
     return host, ready
 
 
-def _cflow_aupro(acc: CflowAupro) -> tuple[float, str]:
-    """One category's cflow AUPRO over every rank's maps: shared thresholds, summed counts."""
+def _cflow_aupro(acc: CflowAupro, resamples: Optional[np.ndarray] = None) -> tuple[float, str, Optional[np.ndarray]]:
+    """One category's cflow AUPRO over every rank's maps: shared thresholds, summed counts; with the
+    bootstrap's ``resamples``, also its value in each of their rows."""
     thresholds = acc.thresholds(distributed.min_array(acc.extent()))
-    counts = [distributed.sum_array(a) for a in acc.counts(thresholds)]
+    counts = [distributed.sum_array(a) for a in acc.counts(thresholds, resamples)]
     acc.close()
-    return acc.compute(thresholds, *counts)
+    value, note = acc.compute(thresholds, *counts[:3])
+    return value, note, acc.replicate_values(thresholds, *counts[3:]) if resamples is not None else None
+
+
+def _deviations(keys: list, rows_of: dict, labels: np.ndarray, scores: np.ndarray, resamples: dict, pixels: dict,
+                cflow_values: dict, cfg: EvalCfg) -> np.ndarray:
+    """(categories x metrics x replicates): each metric's deviation in each bootstrap replicate from
+    its value on the whole test set (bootstrap.py); NaN where a metric is not computed."""
+    table = np.full((len(keys), len(METRIC_KEYS), cfg.bootstrap), np.nan)
+    for k, key in enumerate(keys):
+        values = bootstrap.weighted_metrics(labels[rows_of[key]], scores[rows_of[key]], resamples[key])
+        if key in pixels:
+            values.update(pixels[key].replicates.metrics(cfg.aupro_fpr_limit, cfg.aupro))
+        if key in cflow_values and cflow_values[key][2] is not None:
+            values["pixel_aupro_cflow"] = cflow_values[key][2]
+        for j, metric in enumerate(METRIC_KEYS):
+            if metric in values:
+                table[k, j] = bootstrap.deviations(values[metric])
+    return table
+
+
+def with_intervals(metrics: pd.DataFrame, keys: list, deviations: Optional[np.ndarray]) -> pd.DataFrame:
+    """``metrics`` with ``<metric>_lo`` and ``<metric>_hi`` after each metric: each category's bootstrap
+    interval, a mean row's from its categories' deviations averaged replicate by replicate (the
+    categories whose value is defined, as the mean itself). NaN without ``deviations``."""
+    out = metrics.copy()
+    bounds = {f"{m}_{b}": np.full(len(out), np.nan) for m in METRIC_KEYS for b in ("lo", "hi")}
+    if deviations is not None:
+        index = {key: k for k, key in enumerate(keys)}
+        point = {key: out[(out.dataset == key[0]) & (out.category == key[1])].iloc[0] for key in keys}
+        for r, row in enumerate(out.itertuples(index=False)):
+            if row.category == "mean":
+                members = [key for key in keys if row.dataset in ("all", key[0])]
+            else:
+                members = [(row.dataset, row.category)]
+            for j, metric in enumerate(METRIC_KEYS):
+                parts = [deviations[index[key], j] for key in members if np.isfinite(point[key][metric])]
+                dev = bootstrap.mean_deviation(parts) if row.category == "mean" else (parts[0] if parts else np.zeros(0))
+                bounds[f"{metric}_lo"][r], bounds[f"{metric}_hi"][r] = bootstrap.interval(getattr(row, metric), dev)
+    for metric in reversed(METRIC_KEYS):
+        at = out.columns.get_loc(metric) + 1
+        out.insert(at, f"{metric}_hi", bounds[f"{metric}_hi"])
+        out.insert(at, f"{metric}_lo", bounds[f"{metric}_lo"])
+    return out
 
 
 def decision_thresholds(metrics: pd.DataFrame, scores: pd.DataFrame, pixels: dict) -> dict:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import tempfile
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -21,6 +21,9 @@ from scipy import ndimage
 from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score
 
 from .metric_keys import METRIC_KEYS
+
+if TYPE_CHECKING:
+    from .bootstrap import PixelReplicates
 
 NAN = float("nan")
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=int)   # regions as in the MVTec AD evaluation code
@@ -107,6 +110,7 @@ class PixelAccumulator:
     pro: torch.Tensor = field(init=False)    # Σ 1/|region| of anomalous pixels per bin
     regions: int = field(init=False, default=0)
     images: int = field(init=False, default=0)
+    replicates: Optional["PixelReplicates"] = None   # the bootstrap's histograms (bootstrap.py), fed alongside
     _extent: Optional[torch.Tensor] = field(init=False, default=None, repr=False)
 
     def __post_init__(self):
@@ -136,11 +140,12 @@ class PixelAccumulator:
             self._extent = None
             self._check_range(lo, hi)
 
-    def update(self, anomaly_map, mask, regions: Optional[list] = None) -> None:
+    def update(self, anomaly_map, mask, regions: Optional[list] = None, images: Optional[Sequence[int]] = None) -> None:
         """One image, map (H, W) in [0, 1] and mask (H, W) in {0, 1}, or a batch of them (B, H, W),
         as numpy arrays or tensors (moved to ``device``). ``regions``: each mask's `region_weights`
-        when already computed (else the masks are labelled here). Scores outside [0, 1] raise a
-        ValueError, on an accelerator when the state is next read."""
+        when already computed (else the masks are labelled here). ``images``: each map's column in the
+        `replicates`' counts (needed with them). Scores outside [0, 1] raise a ValueError, on an
+        accelerator when the state is next read."""
         scores = _tensor(anomaly_map).to(self.device, torch.float32)
         mask = _tensor(mask).to(self.device)
         if scores.shape != mask.shape:
@@ -153,12 +158,22 @@ class PixelAccumulator:
             if len(regions) != len(scores):
                 raise ValueError(f"{len(regions)} region lists for {len(scores)} maps")
             self.regions += sum(int(n) for _, _, n in regions)
+        if self.replicates is not None and (images is None or len(images) != len(scores)):
+            raise ValueError(f"the bootstrap replicates need each map's image column: got {images} for {len(scores)} maps")
         if scores.numel():
             update = self._update_host if self.device.type == "cpu" else self._update_device
-            update(scores.reshape(-1), mask.reshape(-1) > 0, regions, scores[0].numel())
+            update(scores.reshape(-1), mask.reshape(-1) > 0, regions, scores[0].numel(), images)
         self.images += len(scores)
 
-    def _update_host(self, scores: torch.Tensor, mask: torch.Tensor, regions, area: int) -> None:
+    def _update_replicates(self, b: torch.Tensor, anomalous: torch.Tensor, regions, flat, area: int, images) -> None:
+        """The bootstrap's coarse histograms from the same bins (the fine bin index, shifted)."""
+        rep = self.replicates
+        shift = int(math.log2(self.bins // rep.bins))
+        pixels, weights = flat if flat is not None else (anomalous.new_zeros(0), torch.zeros(0, dtype=torch.float64))
+        rep.update(b >> shift, anomalous, pixels.to(b.device), weights.to(b.device),
+                   [n for _, _, n in regions] if regions else [0] * len(images), images, area)
+
+    def _update_host(self, scores: torch.Tensor, mask: torch.Tensor, regions, area: int, images=None) -> None:
         """numpy on the CPU (several times faster than torch's elementwise ops and bincount there),
         in place through shared memory: every pixel counted as normal, then the few anomalous ones
         moved to the anomalous half."""
@@ -169,14 +184,17 @@ class PixelAccumulator:
         np.clip(b, 0, self.bins - 1, out=b)
         neg, pos = self.hist.numpy()
         neg += np.bincount(b, minlength=self.bins)
-        anomalous = b[np.flatnonzero(mask.numpy())]
+        where = np.flatnonzero(mask.numpy())
+        anomalous = b[where]
         np.subtract.at(neg, anomalous, 1)
         np.add.at(pos, anomalous, 1)
-        if regions:
-            pixels, weights = _flat_regions(regions, area)
-            np.add.at(self.pro.numpy(), b[pixels.numpy()], weights.numpy())
+        flat = _flat_regions(regions, area) if regions else None
+        if flat is not None:
+            np.add.at(self.pro.numpy(), b[flat[0].numpy()], flat[1].numpy())
+        if self.replicates is not None:
+            self._update_replicates(torch.from_numpy(b), torch.from_numpy(where), regions, flat, area, images)
 
-    def _update_device(self, scores: torch.Tensor, mask: torch.Tensor, regions, area: int) -> None:
+    def _update_device(self, scores: torch.Tensor, mask: torch.Tensor, regions, area: int, images=None) -> None:
         """torch where the maps are, nothing read back: ``bincount`` into one histogram of 2 x bins
         (normal pixels in the first half, anomalous ones in the second); the region lists copied
         from pinned memory without waiting."""
@@ -185,11 +203,14 @@ class PixelAccumulator:
             torch.stack([torch.minimum(self._extent[0], extent[0]), torch.maximum(self._extent[1], extent[1])])
         b = (scores * self.bins).to(torch.int32).clamp_(0, self.bins - 1)
         self.hist.view(-1).add_(torch.bincount(b + mask.to(torch.int32) * self.bins, minlength=2 * self.bins))
+        flat = None
         if regions:
             pixels, weights = _flat_regions(regions, area, pin=True)
+            flat = pixels.to(self.device, non_blocking=True), weights.to(self.device, non_blocking=True)
             if len(pixels):
-                index = b[pixels.to(self.device, non_blocking=True)]
-                self.pro.add_(torch.bincount(index, weights.to(self.device, non_blocking=True), minlength=self.bins))
+                self.pro.add_(torch.bincount(b[flat[0]], flat[1], minlength=self.bins))
+        if self.replicates is not None:
+            self._update_replicates(b, torch.nonzero(mask).view(-1), regions, flat, area, images)
 
     def _cumulative(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Thresholds from high to low (only bins that hold pixels): the mask of those bins, and the
@@ -222,15 +243,20 @@ class PixelAccumulator:
                 "precision": tp[idx] / (tp[idx] + fp[idx])}
 
     def counts(self) -> tuple[np.ndarray, ...]:
-        """The state as arrays (pos, neg, pro, [regions, images]): what shards of a run add up."""
+        """The state as arrays (pos, neg, pro, [regions, images], and the replicates' state when there
+        are replicates): what shards of a run add up."""
         self._checked()
-        return self.pos, self.neg, self.pro.cpu().numpy(), np.array([self.regions, self.images], np.int64)
+        state = (self.pos, self.neg, self.pro.cpu().numpy(), np.array([self.regions, self.images], np.int64))
+        return state + ((self.replicates.state.cpu().numpy(),) if self.replicates is not None else ())
 
-    def set_counts(self, pos: np.ndarray, neg: np.ndarray, pro: np.ndarray, totals: np.ndarray) -> None:
+    def set_counts(self, pos: np.ndarray, neg: np.ndarray, pro: np.ndarray, totals: np.ndarray,
+                   replicates: Optional[np.ndarray] = None) -> None:
         """Replace the state by (summed) `counts` arrays."""
         self.hist = torch.as_tensor(np.stack([neg, pos])).to(self.device)
         self.pro = torch.as_tensor(pro).to(self.device)
         self.regions, self.images = int(totals[0]), int(totals[1])
+        if replicates is not None:
+            self.replicates.state = torch.as_tensor(replicates).to(self.replicates.device)
 
     @classmethod
     def merged(cls, parts: list["PixelAccumulator"]) -> "PixelAccumulator":
@@ -331,11 +357,12 @@ class CflowAupro:
         self.steps, self.fpr_limit = steps, fpr_limit
         self.lo, self.hi = math.inf, -math.inf
         self._store = tempfile.TemporaryFile()
-        self._shapes: list[tuple[int, int, int, int]] = []       # (H, W, anomalous pixels, regions) per map
+        self._shapes: list[tuple[int, ...]] = []       # (H, W, anomalous pixels, regions, image column) per map
 
-    def update(self, anomaly_map: np.ndarray, mask: np.ndarray, regions: Optional[tuple] = None) -> None:
+    def update(self, anomaly_map: np.ndarray, mask: np.ndarray, regions: Optional[tuple] = None,
+               image: int = -1) -> None:
         """One image: map (H, W), mask (H, W) in {0, 1}; ``regions``: the mask's `region_weights` when
-        already computed (else labelled here)."""
+        already computed (else labelled here); ``image``: its column in the bootstrap's counts."""
         anomaly_map = np.ascontiguousarray(anomaly_map, dtype=np.float32)
         if anomaly_map.shape != np.shape(mask):
             raise ValueError(f"map {anomaly_map.shape} and mask {np.shape(mask)} differ in shape")
@@ -345,7 +372,7 @@ class CflowAupro:
         self._store.write(anomaly_map.tobytes())
         self._store.write(np.asarray(pixels, np.int64).tobytes())
         self._store.write(np.asarray(weights, np.float64).tobytes())
-        self._shapes.append((*anomaly_map.shape, len(pixels), int(n)))
+        self._shapes.append((*anomaly_map.shape, len(pixels), int(n), int(image)))
 
     def extent(self) -> np.ndarray:
         """[lowest, -highest] score seen (both reduce with a minimum over shards)."""
@@ -358,23 +385,40 @@ class CflowAupro:
             return np.zeros(0)
         return np.arange(lo, hi, (hi - lo) / self.steps)
 
-    def counts(self, thresholds: np.ndarray) -> tuple[np.ndarray, ...]:
+    def counts(self, thresholds: np.ndarray, replicates: Optional[np.ndarray] = None) -> tuple[np.ndarray, ...]:
         """Per threshold: the sum over regions of their hit fraction, and the false positives; then
-        [regions, normal pixels]. What shards of a run add up."""
+        [regions, normal pixels]. What shards of a run add up. With the bootstrap's ``replicates``
+        (rows x images, `bootstrap.resample_counts`), the same three per row, each image weighted by its count."""
         T = len(thresholds)
         pro, fp, totals = np.zeros(T + 1), np.zeros(T + 1, np.int64), np.zeros(2, np.int64)
+        rows = 0 if replicates is None else len(replicates)
+        per_image = np.zeros((len(self._shapes), 2 * (T + 1) + 2)) if rows else None
         self._store.seek(0)
-        for h, w, k, n in self._shapes:
+        for i, (h, w, k, n, image) in enumerate(self._shapes):
             values = np.frombuffer(self._store.read(4 * h * w), np.float32)
             pixels = np.frombuffer(self._store.read(8 * k), np.int64)
             weights = np.frombuffer(self._store.read(8 * k), np.float64)
             above = thresholds_below(values, thresholds)
             inside = above[pixels]                                     # the anomalous pixels: no false positives
-            fp += np.bincount(above, minlength=T + 1) - np.bincount(inside, minlength=T + 1)
-            pro += np.bincount(inside, weights=weights, minlength=T + 1)
+            image_fp = np.bincount(above, minlength=T + 1) - np.bincount(inside, minlength=T + 1)
+            image_pro = np.bincount(inside, weights=weights, minlength=T + 1)
+            fp += image_fp
+            pro += image_pro
             totals += (n, h * w - k)
+            if rows:
+                per_image[i] = np.r_[image_pro, image_fp, n, h * w - k]
         # a pixel with k thresholds below it is predicted at thresholds 0..k-1: reversed cumulative sums
-        return np.cumsum(pro[::-1])[::-1][1:], np.cumsum(fp[::-1])[::-1][1:], totals
+        tail = lambda a: np.cumsum(a[..., ::-1], axis=-1)[..., ::-1][..., 1:]  # noqa: E731
+        out = (tail(pro), tail(fp), totals)
+        if rows:
+            summed = replicates[:, [s[-1] for s in self._shapes]].astype(np.float64) @ per_image
+            out += (tail(summed[:, :T + 1]), tail(summed[:, T + 1:2 * (T + 1)]), summed[:, -2:])
+        return out
+
+    def replicate_values(self, thresholds: np.ndarray, pro: np.ndarray, fp: np.ndarray, totals: np.ndarray) -> np.ndarray:
+        """The cflow AUPRO of each bootstrap row (`counts`' last three, summed over shards), at the
+        test set's own thresholds."""
+        return np.array([self.compute(thresholds, p, f, t)[0] for p, f, t in zip(pro, fp, totals)])
 
     def compute(self, thresholds: np.ndarray, pro: np.ndarray, fp: np.ndarray, totals: np.ndarray) -> tuple[float, str]:
         """The cflow AUPRO from (summed) `counts`, and a note when it is undefined."""

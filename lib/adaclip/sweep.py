@@ -10,6 +10,12 @@ A sweep file (YAML)::
     configs:                   # and/or an explicit list of overrides
       - {method: clip}
       - {id: aprilgan, method: aprilgan, train_manifests: [mvtec.csv]}   # an id of its own
+    seeds: [0, 1, 2]           # optional seed axis: every configuration once per training seed
+
+With ``seeds`` each configuration runs once per training seed (notebook 01's ``seed``), into
+``<config-id>,seed=<s>/``; sweep.csv's ``group`` column names the configuration without its seed, so
+that the analysis (`analysis.seed_summary`) reports the spread across seeds apart from each run's own
+bootstrap interval over test images.
 
 ``adaclip sweep FILE --run NAME`` runs each configuration into ``results/NAME/<config-id>/``
 (ids read like ``prompt_type=D,prompt_branch=VL`` unless a config names its ``id``; the base alone
@@ -44,6 +50,10 @@ class SweepConfig:
     id: str               # folder name under the sweep's run folder
     overrides: dict       # what differs from the base
     params: dict          # base + overrides: what the notebooks get
+    group: str = ""       # the configuration without its training seed (a seed axis); default: the id
+
+    def __post_init__(self):
+        self.group = self.group or self.id
 
 
 def load_spec(spec: Union[PathLike, dict]) -> dict:
@@ -56,9 +66,14 @@ def load_spec(spec: Union[PathLike, dict]) -> dict:
             raise ValueError(f"cannot read sweep file {path}: {e}") from e
         if not isinstance(spec, dict):
             raise ValueError(f"sweep file {path} must be a mapping with base / grid / configs")
-    unknown = sorted(set(spec) - {"base", "grid", "configs"})
+    unknown = sorted(set(spec) - {"base", "grid", "configs", "seeds"})
     if unknown:
-        raise ValueError(f"sweep: unknown key(s) {unknown}; a sweep has base, grid and configs")
+        raise ValueError(f"sweep: unknown key(s) {unknown}; a sweep has base, grid, configs and seeds")
+    seeds = spec.get("seeds")
+    if seeds is not None and (not isinstance(seeds, list) or not seeds or
+                              not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)
+                              or len(set(seeds)) != len(seeds)):
+        raise ValueError(f"sweep: seeds must be a list of distinct integers (training seeds), got {seeds!r}")
     return spec
 
 
@@ -96,6 +111,12 @@ def expand(spec: Union[PathLike, dict]) -> list[SweepConfig]:
         if key not in seen:
             seen.add(key)
             configs.append(SweepConfig(str(name) if name is not None else config_id(o), o, params))
+    if spec.get("seeds"):
+        if any("seed" in c.overrides for c in configs):
+            raise ValueError("sweep: a configuration sets seed and the sweep has a seed axis (seeds); use one of them")
+        configs = [SweepConfig(f"{c.id},seed={seed}" if c.overrides else f"seed={seed}", {**c.overrides, "seed": seed},
+                               {**c.params, "seed": seed}, group=c.id)
+                   for c in configs for seed in spec["seeds"]]
     ids = [c.id for c in configs]
     if len(set(ids)) != len(ids):
         raise ValueError(f"sweep: two configurations share an id: {sorted(i for i in ids if ids.count(i) > 1)}")
@@ -231,12 +252,13 @@ def sweep_table(sweep_dir: PathLike, configs: list[SweepConfig], status: Optiona
     sweep_dir, status = Path(sweep_dir), status or {}
     params = list(dict.fromkeys(k for c in configs for k in c.params))
     defaults = default_parameters()
-    configs = [SweepConfig(c.id, c.overrides, {k: c.params.get(k, defaults.get(k)) for k in params}) for c in configs]
+    configs = [SweepConfig(c.id, c.overrides, {k: c.params.get(k, defaults.get(k)) for k in params}, c.group)
+               for c in configs]
     frames = []
     for c in configs:
         state, error = status.get(c.id, ("", ""))
         folder = sweep_dir / c.id
-        row = {"config_id": c.id, "status": state, "error": error,
+        row = {"config_id": c.id, "group": c.group, "status": state, "error": error,
                **{k: _show(c.params[k]) if isinstance(c.params.get(k), (list, dict)) else c.params.get(k)
                   for k in params}}
         config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}

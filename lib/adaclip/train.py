@@ -233,7 +233,7 @@ def train(model_cfg, train_cfg: Union[TrainCfg, dict], train_manifests,
             if cfg.selection in ("val", "test_f1"):
                 result = evaluate(model, val_df if cfg.selection == "val" else test_df,
                                   data_root if cfg.selection == "val" else (test_root or data_root),
-                                  EvalCfg(batch_size=cfg.batch_size, aupro=False, aupro_cflow=False), progress=False,
+                                  EvalCfg(batch_size=cfg.batch_size, aupro=False, aupro_cflow=False, bootstrap=0), progress=False,
                                   validate_files=False)
                 score = _selection_score(result)
                 best.setdefault("scores", {})[str(epoch + 1)] = score

@@ -388,6 +388,44 @@ def hsf_figure(found) -> Figure:
     return fig
 
 
+def forest_plot(comparison: pd.DataFrame, metric: str, title: str = "") -> Figure:
+    """A forest plot of `compare` rows for one metric: per dataset (and their mean) each run's difference
+    from the reference (run_a), run - reference in points, with its paired 95% interval; 0 dashed.
+    Intervals that exclude 0 are drawn solid, the others open."""
+    rows = comparison[comparison.metric == metric]
+    datasets = list(dict.fromkeys(rows.dataset))
+    others = list(dict.fromkeys(rows.run_b))
+    with paper_style():
+        fig, ax = plt.subplots(figsize=(PAGE, 0.9 + 0.32 * len(datasets) * max(1, len(others)) ** 0.5))
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        step = 0.7 / max(1, len(others))
+        for k, other in enumerate(others):
+            mine = rows[rows.run_b == other].set_index("dataset").reindex(datasets)
+            y = np.arange(len(datasets)) - 0.35 + step * (k + 0.5)
+            # compare's rows are reference - run: drawn as run - reference, so right of 0 is better than it
+            diff, lo, hi = (-mine[c].to_numpy(float) * 100 for c in ("difference", "difference_hi", "difference_lo"))
+            sure = (lo > 0) | (hi < 0)
+            color = colors[k % len(colors)]
+            ax.errorbar(diff, y, xerr=[diff - lo, hi - diff], fmt="none", ecolor=color, elinewidth=1.2, capsize=2)
+            ax.plot(diff[sure], y[sure], "o", color=color, markersize=4, label=other)
+            ax.plot(diff[~sure], y[~sure], "o", mfc="white", color=color, markersize=4,
+                    label=None if sure.any() else other)
+        ax.axvline(0, color="0.4", linestyle="--", linewidth=0.8)
+        ax.set_yticks(np.arange(len(datasets)), datasets)
+        ax.invert_yaxis()
+        reference = rows.run_a.iloc[0] if len(rows) else ""
+        ax.set_xlabel(f"difference in {metric} (points): run - {reference}, 95% paired bootstrap interval")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False, title="run",
+                  handles=[plt.Line2D([], [], marker="o", color=colors[k % len(colors)], markersize=4)
+                           for k in range(len(others))], labels=others)
+        ax.set_title("filled: the interval excludes 0 (a difference the test set shows); open: it does not",
+                     fontsize=7, loc="left")
+        ax.grid(axis="x", alpha=0.3)
+        _title(fig, title)
+        fig.tight_layout()
+    return fig
+
+
 def _title(fig: Figure, title: str) -> None:
     if title:
         fig.suptitle(title, fontsize=8, color="darkred")
