@@ -56,7 +56,8 @@ def test_pipeline_benchmark_prints_each_rate(capsys):
                  "metrics on cpu (histograms, cflow AUPRO with its counts)",
                  "input + metrics (evaluate, forward replaced), 1 workers",
                  "input + metrics (evaluate, forward replaced), 0 workers", "model forward, batch 4",
-                 "whole evaluation (8 images)"):
+                 "whole evaluation (8 images), no intervals", "whole evaluation, intervals B=200",
+                     "input + metrics, intervals B=200 (0: none)"):
         assert "images/s" in rows[name], name
     assert "of the model-forward rate" in rows["whole evaluation (8 images)"]
     assert rows["limited by"] in ("input", "metrics", "model")

@@ -26,6 +26,7 @@ from .data.dataset import collate
 from .data.loading import loader_options, resolve_workers
 from .data.sample import SAMPLE_ROOT
 from .evaluate import evaluate
+from .bootstrap import PIXEL_BINS
 from .metrics import CflowAupro, PixelAccumulator
 from .precision import autocast
 
@@ -70,11 +71,12 @@ def forward_replaced(model, batch_size: int):
 def run(method: str = "adaclip", backbone: Optional[str] = None, image_size: Optional[int] = None,
         batch_size: int = 8, workers: Optional[int] = None, device: str = "cpu", images: int = 64,
         dataset: str = "mvtec", data_root: Union[str, Path, None] = None, cfg=None,
-        model_images: Optional[int] = None, repeat: int = 3) -> list[tuple[str, str]]:
+        model_images: Optional[int] = None, repeat: int = 3, intervals: tuple = (200, 1000)) -> list[tuple[str, str]]:
     """The rows `adaclip benchmark --pipeline` prints. ``model_images``: how many images the model
     forward and the whole evaluation run on (default ``images``; fewer for a large model on a CPU).
     ``repeat``: the input, metric and input + metrics passes are timed that many times and the best
-    kept, as `timeit` does (a shared machine's noise only ever slows a pass down)."""
+    kept, as `timeit` does (a shared machine's noise only ever slows a pass down). ``intervals``: the
+    bootstrap replicates whose cost is measured (input + metrics and the whole evaluation, against none)."""
     dev = torch.device(device)
     if cfg is None:
         fields = {k: v for k, v in dict(name=backbone, image_size=image_size).items() if v is not None}
@@ -127,11 +129,12 @@ def run(method: str = "adaclip", backbone: Optional[str] = None, image_size: Opt
     t_m, = best(timed_metrics, ())
     rows.append((f"metrics on {device} (histograms, cflow AUPRO with its counts)", _rate(len(df), t_m)))
 
-    def input_and_metrics(n: int) -> float:
+    def input_and_metrics(n: int, replicates: int = EvalCfg.bootstrap) -> float:
         forward_replaced(model, batch_size)
         try:
             start = time.perf_counter()
-            evaluate(model, df, root, EvalCfg(batch_size=batch_size, num_workers=n), progress=False, validate_files=False)
+            evaluate(model, df, root, EvalCfg(batch_size=batch_size, num_workers=n, bootstrap=replicates),
+                     progress=False, validate_files=False)
             _sync(dev)
             return time.perf_counter() - start
         finally:
@@ -141,6 +144,15 @@ def run(method: str = "adaclip", backbone: Optional[str] = None, image_size: Opt
     rows += [(f"input + metrics (evaluate, forward replaced), {n_workers} workers",
               f"{_rate(len(df), t_im)}; {t_im0 / t_im:.2f}x 0 workers"),
              ("input + metrics (evaluate, forward replaced), 0 workers", _rate(len(df), t_im0))]
+    # the 95% intervals' cost (bootstrap.py): the same pass without them and at each number of replicates
+    settings = [(n_workers, b) for b in (0, *intervals)]
+    times = dict(zip([b for _, b in settings], best(input_and_metrics, *settings)))
+    for b in intervals:
+        rows.append((f"input + metrics, intervals B={b} (0: none)",
+                     f"{_rate(len(df), times[b])}; {times[b] / times[0] - 1:+.0%} time against none"))
+    state = lambda b: (b + 1) * (3 * PIXEL_BINS + 1) * 8 / 2 ** 20  # noqa: E731
+    rows.append(("intervals' pixel state per annotated category",
+                 ", ".join(f"B={b}: {state(b):.1f} MiB" for b in intervals) + " (fixed, whatever the number of images)"))
 
     x, names = torch.randn(batch_size, 3, size, size, device=dev), ["bottle"] * batch_size
     with torch.no_grad(), autocast(dev):
@@ -155,12 +167,20 @@ def run(method: str = "adaclip", backbone: Optional[str] = None, image_size: Opt
     t_f = (time.perf_counter() - start) / (steps * batch_size)                 # per image
     rows.append((f"model forward, batch {batch_size}", _rate(1, t_f)))
 
-    start = time.perf_counter()
-    evaluate(model, df.iloc[:n_model], root, EvalCfg(batch_size=batch_size, num_workers=workers), progress=False,
-             validate_files=False)
-    _sync(dev)
-    t_e = (time.perf_counter() - start) / min(n_model, len(df))
-    rows.append((f"whole evaluation ({min(n_model, len(df))} images)", f"{_rate(1, t_e)} = {t_f / t_e:.0%} of the model-forward rate"))
+    def whole(replicates: int) -> float:
+        start = time.perf_counter()
+        evaluate(model, df.iloc[:n_model], root, EvalCfg(batch_size=batch_size, num_workers=workers, bootstrap=replicates),
+                 progress=False, validate_files=False)
+        _sync(dev)
+        return (time.perf_counter() - start) / min(n_model, len(df))
+
+    whole_times = dict(zip((0, *intervals), best(whole, *[(b,) for b in (0, *intervals)])))
+    t_e = whole_times[0]
+    rows.append((f"whole evaluation ({min(n_model, len(df))} images), no intervals",
+                 f"{_rate(1, t_e)} = {t_f / t_e:.0%} of the model-forward rate"))
+    for b in intervals:
+        rows.append((f"whole evaluation, intervals B={b}",
+                     f"{_rate(1, whole_times[b])}; {whole_times[b] / t_e - 1:+.0%} time against none"))
     limit = min([("input", t_in / len(df)), ("metrics", t_m / len(df)), ("model", t_f)], key=lambda r: -r[1])[0]
     rows.append(("limited by", limit))
     return rows

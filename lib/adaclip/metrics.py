@@ -417,8 +417,21 @@ class CflowAupro:
 
     def replicate_values(self, thresholds: np.ndarray, pro: np.ndarray, fp: np.ndarray, totals: np.ndarray) -> np.ndarray:
         """The cflow AUPRO of each bootstrap row (`counts`' last three, summed over shards), at the
-        test set's own thresholds."""
-        return np.array([self.compute(thresholds, p, f, t)[0] for p, f, t in zip(pro, fp, totals)])
+        test set's own thresholds: `compute` row by row, vectorised (the FPR falls with the threshold,
+        so the kept thresholds are a run at the end and the area is the trapezoids between them)."""
+        regions, normals = totals[:, 0:1], totals[:, 1:2]
+        if len(thresholds) == 0:
+            return np.full(len(pro), NAN)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            fpr, pros = fp / normals, pro / regions
+            kept = fpr < self.fpr_limit
+            lo = np.where(kept, fpr, np.inf).min(axis=1, keepdims=True)
+            hi = np.where(kept, fpr, -np.inf).max(axis=1, keepdims=True)
+            x = (fpr - lo) / (hi - lo)
+            both = kept[:, 1:] & kept[:, :-1]
+            area = np.abs(np.sum(np.where(both, np.diff(x, axis=1) * (pros[:, 1:] + pros[:, :-1]) / 2, 0.0), axis=1))
+        undefined = (regions[:, 0] == 0) | (normals[:, 0] == 0) | (kept.sum(axis=1) < 2) | ~(hi[:, 0] > lo[:, 0])
+        return np.where(undefined, NAN, area)
 
     def compute(self, thresholds: np.ndarray, pro: np.ndarray, fp: np.ndarray, totals: np.ndarray) -> tuple[float, str]:
         """The cflow AUPRO from (summed) `counts`, and a note when it is undefined."""
