@@ -222,3 +222,62 @@ def test_a_run_is_compared_with_the_baselines_beside_it(tmp_path):
         (tmp_path / folder / "metrics.csv").write_text("dataset\n")
     assert analysis.run_with_baselines(tmp_path, "r") == ["r", "r/baselines/clip", "r/baselines/winclip"]
     assert analysis.run_with_baselines(tmp_path, "elsewhere") == ["elsewhere"]
+
+
+def _interval_run(folder, values: dict, spread: dict, seed: int, images=("x.png", "y.png")):
+    """A run folder with one category and chosen bootstrap deviations (normal, sd ``spread``)."""
+    from adaclip import bootstrap
+    from adaclip.metric_keys import METRIC_KEYS
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    row = {"dataset": "d", "category": "c", "images": 2, "anomalous": 1}
+    table = np.full((1, len(METRIC_KEYS), 400), np.nan)
+    for j, m in enumerate(METRIC_KEYS):
+        row[m] = values.get(m, np.nan)
+        if m in values:
+            table[0, j] = rng.normal(0, spread[m], 400)
+            row[f"{m}_lo"], row[f"{m}_hi"] = bootstrap.interval(values[m], table[0, j])
+    pd.DataFrame([row]).to_csv(folder / "metrics.csv", index=False)
+    pd.DataFrame({"dataset": "d", "category": "c", "image": list(images), "label": [0, 1],
+                  "score": [0.1, 0.9]}).to_csv(folder / "scores.csv", index=False)
+    (folder / "config.json").write_text(json.dumps({"method": "clip"}))
+    bootstrap.save(folder / bootstrap.FILE, [("d", "c")], table, 400, 0)
+
+
+def test_tables_show_intervals_and_bold_only_a_significant_best(tmp_path):
+    """A clear lead (20 points, intervals of about 3) is bold; a one-point lead within noise is a tie
+    (≈ on both); each number carries its interval; a run on other images is never paired."""
+    values_a = {"image_auroc": 0.90, "pixel_auroc": 0.80}
+    values_b = {"image_auroc": 0.70, "pixel_auroc": 0.79}
+    spread = {"image_auroc": 0.01, "pixel_auroc": 0.05}
+    _interval_run(tmp_path / "A", values_a, spread, 1)
+    _interval_run(tmp_path / "B", values_b, spread, 2)
+    R = analysis.load_runs(tmp_path, ["A", "B"])
+    main = analysis.paper_table(R.metrics, columns="run")
+    iv = analysis.table_intervals(R, main)
+    assert iv.marks.loc["d", ("image_auroc", "A")] == "best" and iv.marks.loc["d", ("image_auroc", "B")] == ""
+    assert iv.marks.loc["d", ("pixel_auroc", "A")] == "tie" and iv.marks.loc["d", ("pixel_auroc", "B")] == "tie"
+    lo, hi = iv.lo.loc["d", ("image_auroc", "A")], iv.hi.loc["d", ("image_auroc", "A")]
+    assert lo < 90 < hi and hi - lo == pytest.approx(2 * 1.96, abs=0.8)
+    text = analysis.to_markdown(analysis.long_table(main), by="row", intervals=iv.long(main))
+    assert f"**90.0 [{lo:.1f}, {hi:.1f}]**" in text and "70.0 [" in text and "80.0 [" in text and "≈" in text
+    assert "**80.0" not in text                                     # a tie is never bold
+    # the same run against a run on other images: no claim either way
+    _interval_run(tmp_path / "C", values_b, spread, 3, images=("x.png", "z.png"))
+    R = analysis.load_runs(tmp_path, ["A", "C"])
+    assert (analysis.table_intervals(R, analysis.paper_table(R.metrics, columns="run")).marks == "").all().all()
+
+
+def test_reproduction_says_whether_the_published_number_is_inside_our_interval(tmp_path):
+    _interval_run(tmp_path / "A", {"image_auroc": 0.90}, {"image_auroc": 0.01}, 1)
+    config = {"method": "adaclip", "published_name": "AdaCLIP", "trained_on": "mvtec+colondb"}
+    (tmp_path / "A" / "config.json").write_text(json.dumps(config))
+    published = pd.DataFrame([{"method": "AdaCLIP", "dataset": "d", "trained_on": "mvtec+colondb", "source": "p1",
+                               "image_auroc": 90.5}, {"method": "AdaCLIP", "dataset": "d",
+                                                      "trained_on": "mvtec+colondb", "source": "p2", "image_auroc": 95.0}])
+    table = analysis.reproduction_table(analysis.load_runs(tmp_path, ["A"]), published, ["image_auroc"])
+    assert list(table.inside) == [True, False]
+    assert (table.ours_lo < 90).all() and (table.ours_hi > 90).all()
+    text = analysis.reproduction_markdown(table)
+    assert "inside ours" in text and "| yes " in text and "| no " in text

@@ -32,6 +32,42 @@ def test_grids_lists_and_ids():
         expand({"grid": {"prompt_type": "S"}})
 
 
+def test_a_seed_axis_repeats_every_configuration_per_training_seed():
+    configs = expand({"base": {"epochs": 1}, "grid": {"prompt_type": ["S", "D"]}, "seeds": [0, 7]})
+    assert [c.id for c in configs] == ["prompt_type=S,seed=0", "prompt_type=S,seed=7", "prompt_type=D,seed=0",
+                                       "prompt_type=D,seed=7"]
+    assert [c.group for c in configs] == ["prompt_type=S"] * 2 + ["prompt_type=D"] * 2
+    assert configs[1].params == {"epochs": 1, "prompt_type": "S", "seed": 7}
+    assert [c.id for c in expand({"base": {"epochs": 1}, "seeds": [3]})] == ["seed=3"]
+    assert expand({"grid": {"prompt_type": ["S"]}})[0].group == "prompt_type=S"      # no axis: the id
+    for bad in ([], [1, 1], ["a"], 3, [True]):
+        with pytest.raises(ValueError, match="seeds must be a list of distinct integers"):
+            expand({"seeds": bad})
+    with pytest.raises(ValueError, match="seed axis"):
+        expand({"configs": [{"seed": 1}], "seeds": [0, 1]})
+
+
+def test_seed_summary_keeps_the_seeds_spread_apart_from_the_bootstrap_interval():
+    from adaclip.analysis import seed_summary, swept_parameters
+
+    rows = []
+    for group, values in (("a", [0.80, 0.84, 0.86]), ("b", [0.70])):
+        for seed, v in enumerate(values):
+            rows.append({"config_id": f"{group},seed={seed}", "group": group, "status": "done", "seed": seed,
+                         "prompt_type": group, "dataset": "visa", "category": "candle", "image_auroc": v,
+                         "image_auroc_lo": v - 0.05, "image_auroc_hi": v + 0.03})
+    table = pd.DataFrame(rows)
+    summary = seed_summary(table, ["image_auroc"])
+    a = summary[summary.group == "a"].iloc[0]
+    assert a.seeds == 3 and a["mean"] == pytest.approx(250 / 3) and a.std_across_seeds == pytest.approx(
+        pd.Series([80.0, 84.0, 86.0]).std())
+    assert a.bootstrap_half_width == pytest.approx(4.0)
+    b = summary[summary.group == "b"].iloc[0]
+    assert b.seeds == 1 and pd.isna(b.std_across_seeds)
+    # the seed is an axis of its own, not an ablation parameter; intervals are no parameters either
+    assert swept_parameters(table) == ["prompt_type"]
+
+
 def test_unknown_parameter_stops_the_sweep_before_anything_runs(tmp_path):
     spec = {"grid": [{"prompt_type": ["S", "D"]}, {"prompt_tpye": ["S"]}]}
     with pytest.raises(ValueError, match=r"no notebook takes parameter\(s\) \['prompt_tpye'\]"):
@@ -94,6 +130,39 @@ def test_tiny_sweep_runs_skips_records_failures_and_is_analysed(tmp_path):
     assert "quick_gelu=True" in summary and "prompt_type=SD" in summary
     assert {"metrics.csv", "metrics.md", "metrics.tex", "overall.tex", "reproduction.csv"} <= {
         p.name for p in (out / "tables").iterdir()}
+
+
+@pytest.mark.slow
+def test_a_seed_sweep_is_compared_and_summarised_across_seeds(tmp_path, monkeypatch):
+    """A sweep with a seed axis (two training seeds of one configuration) through the notebooks, then
+    notebook 03 over it: the spread across seeds beside the bootstrap intervals, the paired comparison
+    of the seeds on the same images, its forest plot, and `adaclip compare` on the same runs."""
+    import yaml
+
+    from adaclip.cli import main
+    from adaclip.data.registry import RESULTS_ENV
+
+    spec = yaml.safe_load(TINY.read_text())
+    spec = {"base": {**spec["base"], "test_manifests": ["sample/visa.csv", "sample/kvasir.csv"]}, "seeds": [0, 1]}
+    table = run_sweep(spec, "seeds", results_dir=tmp_path)
+    assert list(dict.fromkeys(table.config_id)) == ["seed=0", "seed=1"] and set(table.group) == {"base"}
+    assert {"image_auroc_lo", "pixel_auroc_hi"} <= set(table.columns)
+    run_pipeline("seeds", params={"sweep": "seeds"}, notebooks_to_run=["03"], results_dir=tmp_path)
+    out = tmp_path / "seeds"
+    seeds = pd.read_csv(out / "tables" / "seeds.csv")
+    assert (seeds.seeds == 2).all() and seeds.std_across_seeds.notna().all() and (seeds.bootstrap_half_width > 0).all()
+    comparison = pd.read_csv(out / "tables" / "comparison.csv")
+    assert set(comparison.run_a) == {"seed=0"} and set(comparison.run_b) == {"seed=1"}
+    assert {"visa", "kvasir", "mean"} <= set(comparison.dataset)
+    ok = comparison.dropna(subset=["difference_lo"])
+    assert len(ok) and ((ok.difference_lo <= ok.difference) & (ok.difference <= ok.difference_hi)).all()
+    assert (out / "figures" / "03_forest_pixel_auroc.png").is_file()
+    summary = (out / "summary.md").read_text()
+    assert "Across training seeds" in summary and "Paired comparisons" in summary
+    monkeypatch.setenv(RESULTS_ENV, str(tmp_path))
+    assert main(["compare", "seeds/seed=0", "seeds/seed=1", "--out", str(tmp_path / "c.csv")]) == 0
+    assert pd.read_csv(tmp_path / "c.csv")[["dataset", "metric", "difference"]].equals(
+        pd.read_csv(out / "tables" / "comparison.csv")[["dataset", "metric", "difference"]])
 
 
 # Stand-ins for notebooks 01 and 02 (run through papermill like the real ones, in a second each): what
