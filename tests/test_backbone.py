@@ -170,3 +170,17 @@ def test_bad_image_size_fails_before_any_weights_are_fetched(monkeypatch):
 
 def test_tags_are_cleaned_like_open_clip():
     assert resolve_weights(BackboneCfg(name="ViT-B-16", pretrained="OpenAI")) == "openai"
+
+
+def test_random_weights_said_once_and_never_by_the_root_logger(caplog):
+    """open_clip's root-logger copy ("No pretrained weights loaded", "WARNING:root:" on a notebook's
+    stderr) is dropped; ours is a warning only where weights exist for the architecture (the tiny test
+    ViT has none: its notebooks print one plain line instead)."""
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        build_clip(BackboneCfg(name="adaclip-tiny", pretrained=None, image_size=32))
+        build_clip(BackboneCfg(name="ViT-B-16", pretrained=None, image_size=224), device="meta")
+    said = [(r.name, r.levelno) for r in caplog.records if "random" in r.getMessage()]   # open_clip's: "... randomly"
+    assert said == [("adaclip.backbone.clip", logging.INFO), ("adaclip.backbone.clip", logging.WARNING)]
+    assert not logging.getLogger().filters                  # the drop is undone after the build

@@ -1,4 +1,5 @@
 """The explorer's callbacks and intermediate-result figures, as plain functions (no browser)."""
+import base64
 import io
 
 import numpy as np
@@ -152,3 +153,13 @@ def test_every_method_is_explored_with_what_it_has(tmp_path, method, steps):
     assert set(figures) == steps
     if method == "winclip":
         assert [ax.get_title() for ax in figures["layers"].axes[:2]] == ["2x2 windows", "3x3 windows"]
+
+
+def test_widget_output_carries_the_figure(tmp_path):
+    """Where the widgets cannot run (the executed copy papermill writes, GitHub) the explorer's output
+    shows its figure, not ``VBox(children=...)``; JupyterLab still gets the widget."""
+    explorer = Explorer(_model(), build_manifest("kvasir", ROOT), ROOT, figures_dir=tmp_path)
+    bundle = explorer.widget()._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+    png = Image.open(io.BytesIO(base64.b64decode(bundle["image/png"])))
+    assert png.width >= 1000 and not bundle["text/plain"].startswith("VBox(")

@@ -60,6 +60,31 @@ def png_widths(executed: dict, first_line: str) -> list[int]:
             for o in cell["outputs"] if "image/png" in o.get("data", {})]
 
 
+def text_outputs(executed: dict) -> list[tuple[str, str]]:
+    """(kind, text) of every text output: "stdout" / "stderr" streams, "plain" text/plain, "error"."""
+    found = []
+    for cell in executed["cells"]:
+        for o in cell.get("outputs", []):
+            if o["output_type"] == "stream":
+                found.append((o["name"], "".join(o["text"])))
+            elif o["output_type"] == "error":
+                found.append(("error", "\n".join(o["traceback"])))
+            elif "text/plain" in o.get("data", {}):
+                found.append(("plain", "".join(o["data"]["text/plain"])))
+    return found
+
+
+def check_first_contact(executed: dict, name: str) -> None:
+    """What a new user sees of notebooks 02 and 04 on the random backbone: the warning once, in plain
+    text (no stderr, no root logger's copy), no raw config repr."""
+    from adaclip.viz import RANDOM_WEIGHTS
+
+    texts = text_outputs(executed)
+    assert sum(text.count(RANDOM_WEIGHTS) for _, text in texts) == 1, (name, texts)
+    assert not [text for kind, text in texts if kind == "stderr" and "progress" not in text], name
+    assert not any("BackboneCfg(" in text or "WARNING:root" in text for _, text in texts), name
+
+
 @pytest.mark.slow
 def test_pipeline_runs_headless(tmp_path, capfd):
     """`make run`: 00 -> 01 -> 02 -> 04 for AdaCLIP and 01 -> 02 for each baseline beside it (the chains
@@ -88,6 +113,13 @@ def test_pipeline_runs_headless(tmp_path, capfd):
     assert shown == len(list((run / "figures").glob("03_*.png")))                 # each saved figure, shown once
     explored = json.loads((run / "04_explore.ipynb").read_text())
     assert all(w >= 1000 for w in png_widths(explored, "fig = explorer.figure()"))  # fills a 1150 px output area
+    # the executed copy shows the explorer's figure where its widgets cannot run, not "VBox(children=...)"
+    assert [w >= 1000 for w in png_widths(explored, "explorer.widget()")] == [True]
+    for name in ("02_evaluation.ipynb", "04_explore.ipynb"):
+        check_first_contact(json.loads((run / name).read_text()), name)
+    # 03's figures as wide as the output area (inline: 100 dpi): histograms a grid, not a 200 px strip
+    for first_line in ("for run in R.configs:", "examples = analysis.qualitative_examples("):
+        assert all(w >= 900 for w in png_widths(analysed, first_line)), first_line
     metrics = pd.read_csv(run / "metrics.csv")
     assert {"visa", "glass", "headct", "kvasir"} <= set(metrics.dataset)
     config = json.loads((run / "config.json").read_text())

@@ -98,6 +98,52 @@ def test_every_figure_function(tmp_path):
     assert len(figures["loss"].axes[0].lines) == 2                              # the training-free run has none
 
 
+def test_undefined_metrics_read_na_not_zero():
+    """A NaN metric is "n/a" text at its bar's place, never a missing bar that reads as 0."""
+    nan = float("nan")
+    metrics = pd.DataFrame({"dataset": ["visa", "headct", "kvasir", "visa"],
+                            "category": ["capsules", "headct", "kvasir", "mean"],
+                            "image_auroc": [0.6, 0.9, nan, 0.6], "pixel_auroc": [0.7, nan, 0.3, 0.7],
+                            "pixel_aupro": [0.4, nan, 0.1, 0.4]})
+    ax = viz.metrics_plot(metrics).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["visa/capsules", "headct", "kvasir"]   # not "headct/headct"
+    na = [t for t in ax.texts if t.get_text() == viz.NA]
+    assert len(na) == 3
+    bars = {round(b.get_x() + b.get_width() / 2, 6): b.get_height() for b in ax.patches}
+    assert all(bars[round(t.get_position()[0], 6)] == 0 for t in na)             # each at a bar of its own
+    sweep = pd.DataFrame({"prompt_type": ["S", "SD", "S", "SD"], "dataset": ["visa", "visa", "headct", "headct"],
+                          "pixel_auroc": [0.8, 0.9, nan, nan]})
+    bars = viz.ablation_bars(sweep, "prompt_type", "pixel_auroc", baseline=0.6)
+    assert [t.get_text() for t in bars.axes[0].texts].count(viz.NA) == 2
+
+
+def test_notebook_figures_fill_the_output_width():
+    """Notebook 03's figures at the inline backend's 100 dpi: score histograms a grid ~1000 px wide (a
+    single row of four was 715 x 204 px), map thumbnails >= 145 px (were 65), legends >= 8 pt beside
+    the axes (the loss legend was 6 pt, over the curves)."""
+    scores = pd.concat([_scores("adaclip", 0.3).assign(dataset=d) for d in ("visa", "glass", "headct", "kvasir")])
+    fig = viz.score_distributions(scores, title="t")
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(shown) == 4 and len({round(ax.get_position().y0, 3) for ax in shown}) == 2          # 2 x 2
+    width, height = fig.get_size_inches() * 100
+    assert 900 <= width <= 1050 and height >= 450
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (40, 60, 3), dtype=np.uint8), rng.integers(0, 255, (50, 50, 3), dtype=np.uint8)]
+    maps = {m: [rng.random((40, 60)), rng.random((50, 50))] for m in ("adaclip", "aprilgan", "winclip", "clip")}
+    fig = viz.qualitative_grid(images, [None, None], maps, ["a", "b"], title="t")
+    fig.set_dpi(100)
+    fig.canvas.draw()
+    thumbs = [ax.get_window_extent().width for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    assert len(thumbs) == 12 and min(thumbs) >= 145 and fig.get_size_inches()[0] * 100 <= 1050
+    log = pd.DataFrame({"epoch": [1, 1, 2, 2], "step": [1, 2, 3, 4], "loss": [1.0, 0.8, 0.6, 0.5]})
+    fig = viz.loss_curves({f"run {i}": log for i in range(4)})
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    legend = ax.get_legend()
+    assert min(t.get_fontsize() for t in legend.get_texts()) >= 8
+    assert legend.get_window_extent().x0 >= ax.get_window_extent().x1                 # beside the axes, not over them
+
+
 def test_a_backend_loading_inside_the_paper_style_keeps_interactive_mode():
     """Jupyter's inline backend loads with a kernel's first figure and switches interactive mode on as it
     loads; if that happens inside the style's rc_context, restoring the rc must not switch it off again
@@ -109,8 +155,8 @@ def test_a_backend_loading_inside_the_paper_style_keeps_interactive_mode():
         matplotlib.interactive(False)
         with viz.paper_style():
             matplotlib.interactive(True)                     # the backend loading
-            assert matplotlib.rcParams["font.size"] == 8
-        assert matplotlib.is_interactive() and matplotlib.rcParams["font.size"] != 8
+            assert matplotlib.rcParams["font.size"] == viz.PAPER_STYLE["font.size"]
+        assert matplotlib.is_interactive() and matplotlib.rcParams["font.size"] != viz.PAPER_STYLE["font.size"]
         with viz.paper_style():
             pass
         assert matplotlib.is_interactive()

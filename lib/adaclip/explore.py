@@ -7,7 +7,7 @@ slider, a save button) and caches `inspect` per image and class name, so that mo
 redraws without rerunning the model. Every callback is a plain method, testable without a browser.
 
 >>> explorer = Explorer(model, manifest, root, figures_dir="results/default/figures")
->>> explorer.widget()                      # in JupyterLab
+>>> explorer.widget()                      # in JupyterLab (elsewhere its output shows the current figure)
 >>> explorer.figure()                      # headless: the current view as a matplotlib Figure
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
+import ipywidgets as widgets
 import numpy as np
 import pandas as pd
 import torch
@@ -99,13 +100,30 @@ def show(output, figures: list) -> None:
     output.outputs = tuple(shown)
 
 
+class FigureBox(widgets.VBox):
+    """A VBox whose output also carries, as a PNG, the figure ``figures`` (an ``Output``) shows when it is
+    displayed. JupyterLab shows the widget; a viewer without the widgets (the executed copy papermill
+    writes, GitHub, nbviewer, an untrusted notebook) shows that figure, not the widget's text
+    (``VBox(children=...)``)."""
+
+    def __init__(self, children, figures):
+        super().__init__(children)
+        self.figures = figures
+
+    def _repr_mimebundle_(self, **kwargs):
+        bundle = super()._repr_mimebundle_(**kwargs)
+        pngs = [o["data"]["image/png"] for o in self.figures.outputs if "image/png" in o.get("data", {})]
+        if pngs:
+            bundle.update({"image/png": pngs[0], "text/plain": "the explorer: its controls need JupyterLab"})
+        return bundle
+
+
 class Explorer:
     """Widgets around `inspect`. ``manifest``: rows to pick from (paths relative to ``root``)."""
 
     def __init__(self, model, manifest: pd.DataFrame, root: PathLike, figures_dir: PathLike = "figures",
                  threshold: float = 0.5, title: str = ""):
-        import ipywidgets as w
-
+        w = widgets
         self.model, self.root, self.figures_dir, self.title = model, Path(root), Path(figures_dir), title
         self.df = manifest.reset_index(drop=True)
         self.cache: dict = {}                  # (image key, class name) -> Inspection
@@ -289,11 +307,11 @@ class Explorer:
         self.status.value = f"saved {path}"
         return path
 
-    def widget(self):
-        import ipywidgets as w
-
+    def widget(self) -> FigureBox:
+        """The controls above the current figure (the figure alone where widgets cannot run)."""
         self.refresh()
-        return w.VBox([w.HBox([self.dataset, self.category, self.label]), w.HBox([self.image, self.upload]),
-                       w.HBox([self.class_name, self.threshold, self.save_button]),
-                       self.status,                      # a row of its own: long messages squeeze no control
-                       self.output, self.steps])
+        row = widgets.HBox
+        return FigureBox([row([self.dataset, self.category, self.label]), row([self.image, self.upload]),
+                          row([self.class_name, self.threshold, self.save_button]),
+                          self.status,                   # a row of its own: long messages squeeze no control
+                          self.output, self.steps], figures=self.output)

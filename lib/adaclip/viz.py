@@ -1,7 +1,9 @@
 """Figures: arrays and tables in, matplotlib ``Figure`` out (the caller shows or saves it).
 
-Sized for a paper (``COLUMN`` = one column, 3.5 in; ``PAGE`` = both, 7.2 in) with 8 pt text, so a
-figure saved here is readable where it is printed; `save` writes PNG and PDF.
+Notebook 03's figures (the ones a paper takes) are as wide as a notebook's output area
+(``NOTEBOOK_WIDTH``, 10 in: 1000 px at the inline backend's 100 dpi) with 8-10 pt text, so they are
+readable where they are first seen; scaled to a printed page (``PAGE``, 7.2 in) their smallest text is
+about 6 pt. `save` writes PNG and PDF (vector, for print).
 """
 from __future__ import annotations
 
@@ -18,7 +20,11 @@ from matplotlib.figure import Figure
 from . import runs
 from .data.images import load_row
 
-RANDOM_WEIGHTS = runs.RANDOM_WEIGHTS
+RANDOM_WEIGHTS = runs.RANDOM_WEIGHTS   # the figure title of random-weight runs
+# a figure's title where the notebook says RANDOM_WEIGHTS once in words: the figure stays marked when
+# it is seen alone, without the sentence again under each figure
+RANDOM_WEIGHTS_TAG = "random backbone weights"
+NA = "n/a"                            # an undefined (NaN) metric in a bar chart, where a missing bar would read as 0
 
 
 def _seaborn():
@@ -27,10 +33,12 @@ def _seaborn():
     import seaborn
 
     return seaborn
-   # the figure title of random-weight runs
+
+
 COLUMN, PAGE = 3.5, 7.2               # figure widths in inches: one column, a whole page
-PAPER_STYLE = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "legend.fontsize": 7,
-               "xtick.labelsize": 7, "ytick.labelsize": 7, "legend.title_fontsize": 7}
+NOTEBOOK_WIDTH = 10.0                 # notebook 03's figures, in inches: 1000 px in JupyterLab (see the docstring)
+PAPER_STYLE = {"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8,
+               "xtick.labelsize": 8, "ytick.labelsize": 8, "legend.title_fontsize": 8}
 # the explorer draws for a screen: as wide as a JupyterLab output area (about 1150 px at the inline
 # backend's 100 dpi), with text sized for it
 SCREEN_WIDTH = 11.5
@@ -148,19 +156,37 @@ def anomaly_maps(images: Sequence[np.ndarray], maps: Sequence[np.ndarray], masks
     return fig
 
 
+def grouped_bars(ax, values: pd.DataFrame, na_y: float = 0.0) -> None:
+    """Bars of ``values`` (rows: groups along x; columns: a colour each, in the legend); an undefined
+    (NaN) value reads "n/a" upright at its bar's place, from ``na_y`` up (data units), instead of a
+    missing bar that looks like a zero."""
+    k = max(len(values.columns), 1)
+    width = 0.8 / k
+    x = np.arange(len(values))
+    for j, column in enumerate(values.columns):
+        at = x - 0.4 + width * (j + 0.5)
+        v = values[column].to_numpy(dtype=float)
+        bars = ax.bar(at, np.nan_to_num(v, nan=0.0), width, label=str(column))   # NaN: a bar of height 0, unseen
+        for bar, value in zip(bars.patches, v):
+            if np.isnan(value):
+                ax.text(bar.get_x() + bar.get_width() / 2, na_y, NA, rotation=90, ha="center", va="bottom",
+                        color=bar.get_facecolor())
+    ax.set_xticks(x, [str(i) for i in values.index])
+
+
 def metrics_plot(metrics: pd.DataFrame, columns: Sequence[str] = ("image_auroc", "pixel_auroc", "pixel_aupro"),
                  title: str = "") -> Figure:
-    """Grouped bars of the chosen metrics per dataset/category; undefined (NaN) values are left blank."""
+    """Grouped bars of the chosen metrics per dataset/category ("kvasir", not "kvasir/kvasir", where a
+    dataset is its only category); undefined (NaN) values read "n/a"."""
     rows = metrics[metrics.category != "mean"] if "category" in metrics else metrics
-    long = rows.melt(id_vars=["dataset", "category"], value_vars=[c for c in columns if c in rows],
-                     var_name="metric", value_name="value")
-    long["where"] = long.dataset + "/" + long.category
-    fig, ax = plt.subplots(figsize=(max(5, 0.9 * long["where"].nunique() + 2), 3.2))
-    sns = _seaborn()
-    sns.barplot(data=long, x="where", y="value", hue="metric", ax=ax)
+    where = [d if d == c else f"{d}/{c}" for d, c in zip(rows.dataset, rows.category)]
+    values = rows[[c for c in columns if c in rows]].set_axis(where)
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(values) + 2) + 1.5, 3.2))    # + the legend beside it
+    grouped_bars(ax, values, na_y=0.02)
     ax.set_ylim(0, 1)
-    ax.set_xlabel("")
+    ax.set_ylabel("value")
     ax.tick_params(axis="x", rotation=30)
+    ax.legend(title="metric", loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
     if title:
         ax.set_title(title, fontsize=9, color="darkred")
     fig.tight_layout()
@@ -168,24 +194,29 @@ def metrics_plot(metrics: pd.DataFrame, columns: Sequence[str] = ("image_auroc",
 
 
 def score_distributions(scores: pd.DataFrame, title: str = "") -> Figure:
-    """Image-score histograms of normal vs anomalous images, one panel per dataset."""
+    """Image-score histograms of normal vs anomalous images, one panel per dataset, in a grid of at most
+    three columns as wide as the notebook (a single row of four was 200 px high)."""
     sns = _seaborn()
     data = scores.assign(state=scores.label.map({0: "normal", 1: "anomalous"}))
-    names = list(dict.fromkeys(data.dataset))
+    names = list(dict.fromkeys(data.dataset)) or [""]
+    cols = min(3, int(np.ceil(np.sqrt(len(names)))))            # 4 datasets: 2 x 2, 6: 3 x 2
+    rows = int(np.ceil(len(names) / cols))
     with paper_style():
-        fig, axes = plt.subplots(1, len(names), figsize=(min(PAGE, 2.0 * len(names) + 0.4), 2.0), squeeze=False)
-        for i, (ax, name) in enumerate(zip(axes[0], names)):
-            last = i == len(names) - 1
+        fig, axes = plt.subplots(rows, cols, figsize=(min(NOTEBOOK_WIDTH, 4.2 * cols + 1.4), 2.8 * rows + 0.3),
+                                 squeeze=False, layout="constrained")
+        for i, (ax, name) in enumerate(zip(axes.flat, names)):
+            legend = i == min(cols, len(names)) - 1                # beside the first row
             sns.histplot(data=data[data.dataset == name], x="score", hue="state", hue_order=["normal", "anomalous"],
                          bins=20, binrange=(0, 1), stat="density", common_norm=False, element="step", ax=ax,
-                         legend=last)
+                         legend=legend)
             ax.set_title(name)
             ax.set_xlabel("image score P(abnormal)")
             ax.set_ylabel("density")
-            if last and ax.get_legend() is not None:
+            if legend and ax.get_legend() is not None:
                 sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1), title=None, frameon=False)
+        for ax in axes.flat[len(names):]:
+            ax.set_visible(False)
         _title(fig, title)
-        fig.tight_layout()
     return fig
 
 
@@ -197,7 +228,7 @@ def curves(scores: pd.DataFrame, pixel_curves: pd.DataFrame, dataset: str, by: s
     from sklearn.metrics import auc, precision_recall_curve, roc_curve
 
     with paper_style():
-        fig, axes = plt.subplots(2, 2, figsize=(COLUMN * 1.6, COLUMN * 1.5))
+        fig, axes = plt.subplots(2, 2, figsize=(0.8 * NOTEBOOK_WIDTH, 0.68 * NOTEBOOK_WIDTH))
         img = scores[scores.dataset == dataset] if len(scores) else scores
         for name, g in (img.groupby(by, sort=False) if len(img) else []):
             if g.label.nunique() == 2:
@@ -235,19 +266,22 @@ def curves(scores: pd.DataFrame, pixel_curves: pd.DataFrame, dataset: str, by: s
 def ablation_bars(table: pd.DataFrame, parameter: str, metric: str = "pixel_auroc", baseline: Optional[float] = None,
                   baseline_label: str = "baseline", title: str = "") -> Figure:
     """Bars of ``metric`` (percent) for each value of a swept ``parameter``, one hue per dataset, with
-    the baseline's value as a dashed reference line. ``table``: dataset-level rows of a sweep."""
-    data = table.dropna(subset=[metric]).assign(value=lambda d: d[metric] * 100,
-                                                **{parameter: lambda d: d[parameter].map(lambda v: "None" if pd.isna(v) else str(v))})
+    the baseline's value as a dashed reference line; undefined (NaN) values read "n/a". ``table``:
+    dataset-level rows of a sweep."""
+    data = table.assign(value=lambda d: d[metric] * 100,
+                        **{parameter: lambda d: d[parameter].map(lambda v: "None" if pd.isna(v) else str(v))})
+    values = (data.pivot_table(index=parameter, columns="dataset", values="value", aggfunc="mean", dropna=False)
+              .reindex(index=list(dict.fromkeys(data[parameter])), columns=list(dict.fromkeys(data.dataset))))
+    lo = data.value.min() if data.value.notna().any() else 0
+    bottom = max(0, min(lo, baseline * 100 if baseline is not None and np.isfinite(baseline) else lo) - 10)
     with paper_style():
-        fig, ax = plt.subplots(figsize=(COLUMN, 2.2))
-        sns = _seaborn()
-        sns.barplot(data=data, x=parameter, y="value", hue="dataset", ax=ax, errorbar=None)
+        fig, ax = plt.subplots(figsize=(0.6 * NOTEBOOK_WIDTH, 3.0))
+        grouped_bars(ax, values, na_y=bottom + 2)
         if baseline is not None and np.isfinite(baseline):
             ax.axhline(baseline * 100, color="black", ls="--", lw=1, label=f"{baseline_label} ({baseline * 100:.1f})")
         ax.set_xlabel(parameter)
         ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
-        lo = data.value.min() if len(data) else 0
-        ax.set_ylim(max(0, min(lo, baseline * 100 if baseline is not None and np.isfinite(baseline) else lo) - 10), 100)
+        ax.set_ylim(bottom, 100)
         ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
         _title(fig, title)
         fig.tight_layout()
@@ -260,20 +294,27 @@ def qualitative_grid(images: Sequence[np.ndarray], masks: Sequence[Optional[np.n
     name -> list of (H, W) maps in [0, 1] for the same images), with a shared colour bar."""
     names = list(maps)
     n, cols = len(images), 2 + len(names)
+    # thumbnails share the notebook's width (about 1.5 in, 150 px on screen, for the usual six columns), at
+    # most 2.4 in; each row as high as its image is at that width, plus its titles
+    side = min(2.4, (NOTEBOOK_WIDTH - 0.7) / cols)
+    heights = [side * min(image.shape[0] / image.shape[1], 1.5) for image in images]
     with paper_style():
-        fig, axes = plt.subplots(n, cols, figsize=(min(PAGE, 1.25 * cols + 0.5), 1.25 * n + 0.3), squeeze=False)
+        fig, axes = plt.subplots(n, cols, figsize=(side * cols + 0.7, sum(heights) + 0.45 * n + (0.3 if title else 0)),
+                                 squeeze=False, layout="constrained", gridspec_kw={"height_ratios": heights})
+        fig.get_layout_engine().set(w_pad=0.01, wspace=0.01)
         heat = None
         for i in range(n):
             overlay(axes[i, 0], images[i], title=titles[i] if i < len(titles) else "")
+            axes[i, 0].title.set_fontsize(PAPER_STYLE["axes.labelsize"])
             gt = masks[i] if masks[i] is not None else np.zeros(images[i].shape[:2])
             axes[i, 1].imshow(gt, cmap="gray", vmin=0, vmax=1)
-            axes[i, 1].set_title("ground truth" if masks[i] is not None else "no mask", fontsize=7)
+            axes[i, 1].set_title("ground truth" if masks[i] is not None else "no mask", fontsize="medium")
             axes[i, 1].axis("off")
             for j, name in enumerate(names):
                 ax = axes[i, 2 + j]
                 ax.imshow(images[i])
                 heat = ax.imshow(maps[name][i], cmap="jet", alpha=0.5, vmin=0, vmax=1)
-                ax.set_title(name, fontsize=7)
+                ax.set_title(name, fontsize="medium")
                 ax.axis("off")
         if heat is not None:
             fig.colorbar(heat, ax=axes, fraction=0.02, pad=0.01, label="anomaly score")
@@ -284,7 +325,7 @@ def qualitative_grid(images: Sequence[np.ndarray], masks: Sequence[Optional[np.n
 def loss_curves(logs: dict, title: str = "") -> Figure:
     """Training loss (running mean over an epoch's steps) of several runs or sweep configurations."""
     with paper_style():
-        fig, ax = plt.subplots(figsize=(COLUMN, 2.2))
+        fig, ax = plt.subplots(figsize=(0.75 * NOTEBOOK_WIDTH, 3.0), layout="constrained")
         for name, log in logs.items():
             if len(log):
                 steps_per_epoch = max(1, int(log.groupby("epoch").size().max()))
@@ -292,12 +333,11 @@ def loss_curves(logs: dict, title: str = "") -> Figure:
                 ax.plot(log["step"], log["loss"].rolling(window, min_periods=1).mean(), label=str(name), lw=1)
         ax.set_xlabel("training step")
         ax.set_ylabel("loss (focal + dice)")
-        if ax.lines:
-            ax.legend(fontsize=6)
+        if ax.lines:                                  # beside the axes: it hides no curve, however many runs
+            ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
         else:
             ax.text(0.5, 0.5, "no training steps", ha="center", va="center", transform=ax.transAxes, color="grey")
         _title(fig, title)
-        fig.tight_layout()
     return fig
 
 
@@ -428,7 +468,7 @@ def forest_plot(comparison: pd.DataFrame, metric: str, title: str = "") -> Figur
 
 def _title(fig: Figure, title: str) -> None:
     if title:
-        fig.suptitle(title, fontsize=8, color="darkred")
+        fig.suptitle(title, fontsize=10, color="darkred")
 
 
 def save(fig: Figure, path: Union[str, Path], dpi: int = 150, formats: Sequence[str] = ("png", "pdf")) -> Path:

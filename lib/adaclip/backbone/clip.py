@@ -113,13 +113,19 @@ def build_clip(cfg: BackboneCfg, device: Optional[str] = None) -> nn.Module:
     weights = resolve_weights(cfg)
     quick_gelu = config_quick_gelu(cfg.name) if cfg.quick_gelu is None else bool(cfg.quick_gelu)
     if weights is None:
-        log.warning("random weights: scores are meaningless (backbone %s, pretrained=None)", cfg.name)
+        # a backbone open_clip has weights for, built without them, may be a mistake: a warning. One with
+        # none anywhere (the tiny test ViT) is random by design and every output of its runs says so
+        # (config.json, figure titles, a line in the notebooks): a warning here only added red stderr
+        # copies of that line to each notebook that builds a model
+        level = logging.WARNING if open_clip.list_pretrained_tags_by_model(cfg.name) else logging.INFO
+        log.log(level, "random weights: scores are meaningless (backbone %s, pretrained=None)", cfg.name)
     try:
         # Built at the native size, then resized below as the method's reference resizes
         # (open_clip's loader would always antialias).
         # `quick_gelu` as a model argument overrides the config both ways; open_clip's warning that
         # OpenAI's weights were trained with QuickGELU is expected where GELU is the recorded choice
-        with _seeded(cfg.init_seed if weights is None else None), warnings.catch_warnings():
+        with _seeded(cfg.init_seed if weights is None else None), _without_random_init_warning(), \
+                warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="QuickGELU mismatch")
             clip = open_clip.create_model(cfg.name, pretrained=weights, quick_gelu=quick_gelu,
                                           **({"device": device} if device else {}))
@@ -145,6 +151,19 @@ def build_clip(cfg: BackboneCfg, device: Optional[str] = None) -> nn.Module:
     log.info("%s: %s activation", cfg.name, activation_name(quick_gelu))
     clip.eval().requires_grad_(False)
     return clip
+
+
+@contextlib.contextmanager
+def _without_random_init_warning():
+    """Drop open_clip's "No pretrained weights loaded ... initialized randomly": the root logger's
+    (stderr, "WARNING:root:" in a notebook) copy of what `build_clip` says itself."""
+    drop = lambda record: not record.getMessage().startswith("No pretrained weights loaded")  # noqa: E731
+    root = logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
 
 
 @contextlib.contextmanager
