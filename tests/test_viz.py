@@ -167,3 +167,20 @@ def test_a_backend_loading_inside_the_paper_style_keeps_interactive_mode():
         assert matplotlib.is_interactive()
     finally:
         matplotlib.interactive(was)
+
+
+def test_forest_plot_draws_each_run_minus_the_reference_filled_where_the_interval_excludes_zero():
+    comparison = pd.DataFrame({
+        "run_a": "adaclip", "run_b": ["clip", "clip"], "dataset": ["visa", "mean"], "metric": "image_auroc",
+        # compare's rows are reference - run: clip is 10 points worse on visa (clear), 1 point better overall
+        "difference": [0.10, -0.01], "difference_lo": [0.05, -0.04], "difference_hi": [0.15, 0.02]})
+    fig = viz.forest_plot(comparison, "image_auroc")
+    ax = fig.axes[0]
+    filled, open_ = [line for line in ax.lines if line.get_marker() == "o"][:2]
+    assert list(filled.get_xdata()) == pytest.approx([-10.0]) and list(open_.get_xdata()) == pytest.approx([1.0])
+    assert open_.get_markerfacecolor() in ("white", (1.0, 1.0, 1.0, 1.0))
+    bars = ax.collections[0].get_segments()                       # the intervals, run - reference
+    assert [tuple(np.round(s[:, 0], 6)) for s in bars] == [(-15.0, -5.0), (-2.0, 4.0)]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["visa", "mean"]
+    import matplotlib.pyplot as plt
+    plt.close(fig)

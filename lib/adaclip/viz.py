@@ -436,7 +436,7 @@ def forest_plot(comparison: pd.DataFrame, metric: str, title: str = "") -> Figur
     datasets = list(dict.fromkeys(rows.dataset))
     others = list(dict.fromkeys(rows.run_b))
     with paper_style():
-        fig, ax = plt.subplots(figsize=(PAGE, 0.9 + 0.32 * len(datasets) * max(1, len(others)) ** 0.5))
+        fig, ax = plt.subplots(figsize=(0.9 * NOTEBOOK_WIDTH, 1.2 + 0.3 * len(datasets) * max(1, len(others)) ** 0.5))
         colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         step = 0.7 / max(1, len(others))
         for k, other in enumerate(others):
@@ -456,10 +456,10 @@ def forest_plot(comparison: pd.DataFrame, metric: str, title: str = "") -> Figur
         reference = rows.run_a.iloc[0] if len(rows) else ""
         ax.set_xlabel(f"difference in {metric} (points): run - {reference}, 95% paired bootstrap interval")
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False, title="run",
-                  handles=[plt.Line2D([], [], marker="o", color=colors[k % len(colors)], markersize=4)
+                  handles=[plt.Line2D([], [], marker="o", linestyle="", color=colors[k % len(colors)], markersize=4)
                            for k in range(len(others))], labels=others)
         ax.set_title("filled: the interval excludes 0 (a difference the test set shows); open: it does not",
-                     fontsize=7, loc="left")
+                     fontsize=plt.rcParams["legend.fontsize"], loc="left")
         ax.grid(axis="x", alpha=0.3)
         _title(fig, title)
         fig.tight_layout()
