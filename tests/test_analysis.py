@@ -281,3 +281,21 @@ def test_reproduction_says_whether_the_published_number_is_inside_our_interval(t
     assert (table.ours_lo < 90).all() and (table.ours_hi > 90).all()
     text = analysis.reproduction_markdown(table)
     assert "inside ours" in text and "| yes " in text and "| no " in text
+
+
+def test_metrics_view_shows_intervals_and_says_each_note_once():
+    rows = pd.DataFrame([
+        {"dataset": "visa", "category": "a", "images": 4, "anomalous": 2, "image_auroc": 0.5, "image_auroc_lo": 0.25,
+         "image_auroc_hi": 0.75, "note": ""},
+        {"dataset": "visa", "category": "b", "images": 2, "anomalous": 2, "image_auroc": np.nan,
+         "note": "image metrics undefined: only anomalous images"},
+        {"dataset": "visa", "category": "mean", "images": 6, "anomalous": 4, "image_auroc": 0.5, "image_auroc_lo": 0.25,
+         "image_auroc_hi": 0.75, "note": "unweighted mean over categories; undefined values left out"},
+        {"dataset": "all", "category": "mean", "images": 6, "anomalous": 4, "image_auroc": 0.5,
+         "note": "unweighted mean over all categories; undefined values left out"}])
+    view = analysis.metrics_view(rows)
+    caption = view.caption
+    for phrase in ("undefined values left out", "only anomalous images", "unweighted"):
+        assert caption.count(phrase) == 1, (phrase, caption)
+    assert "95% bootstrap interval" in caption
+    assert list(view.data["I-AUROC"]) == ["50.0 [25.0, 75.0]", "—", "50.0 [25.0, 75.0]", "50.0"]

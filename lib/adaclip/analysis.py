@@ -555,10 +555,13 @@ def metrics_view(metrics: pd.DataFrame, digits: int = 1):
         table[METRIC_NAMES[m]] = [UNDEFINED if pd.isna(v) else f"{v:.{digits}f}" +
                                   (f" [{a:.{digits}f}, {b:.{digits}f}]" if pd.notna(a) else "")
                                   for v, a, b in zip(metrics[m] * 100, lo, hi)]
-    notes = sorted({n for note in metrics.get("note", pd.Series(dtype=str)).fillna("") for n in note.split("; ") if n})
+    notes = {n for note in metrics.get("note", pd.Series(dtype=str)).fillna("") for n in note.split("; ") if n}
+    # the mean rows' own notes say how they average, once, not among the reasons for undefined values
+    means = {n for n in notes if n.startswith("unweighted mean") or n == "undefined values left out"}
     caption = "Percent" + (", each with its 95% bootstrap interval over the test images [lo, hi]"
                            if any(f"{m}_lo" in metrics and metrics[f"{m}_lo"].notna().any() for m in shown) else "")
-    caption += "; — undefined: " + "; ".join(notes) if notes else ""
+    caption += ("; mean rows: unweighted over categories, undefined values left out" if means else "")
+    caption += ("; — undefined: " + "; ".join(sorted(notes - means))) if notes - means else ""
     return table.style.hide(axis="index").set_caption(caption)
 
 
