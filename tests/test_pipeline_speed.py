@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from adaclip import AdaCLIP, AdaCLIPConfig, EvalCfg
+from adaclip import AdaCLIP, AdaCLIPConfig, EvalCfg, bootstrap
 from adaclip.config import TrainCfg
 from adaclip.data import AnomalyDataset, build_manifest
 from adaclip.data.cache import ImageCache
@@ -109,15 +109,20 @@ def test_device_path_equals_the_host_path(monkeypatch):
     masks, maps = _masks()
     maps[1, 3, 3], maps[2, 0, 0] = 1.0, 0.0                         # both ends of the range
     listed = [region_weights(m) for m in masks]
-    host = PixelAccumulator(bins=4096)
-    host.update(maps[:4], masks[:4], listed[:4])
-    host.update(maps[4:], masks[4:], listed[4:])
+    # with the bootstrap's replicate histograms fed alongside (numpy on the host, torch on a device)
+    counts = bootstrap.resample_counts([int(m.any()) for m in masks], 50, 0, "d", "c")
+    cols = list(range(len(maps)))
+    host = PixelAccumulator(bins=4096, replicates=bootstrap.PixelReplicates(counts))
+    host.update(maps[:4], masks[:4], listed[:4], images=cols[:4])
+    host.update(maps[4:], masks[4:], listed[4:], images=cols[4:])
     monkeypatch.setattr(PixelAccumulator, "_update_host", PixelAccumulator._update_device)
-    device = PixelAccumulator(bins=4096)
-    device.update(torch.from_numpy(maps[:4]), torch.from_numpy(masks[:4]), listed[:4])
-    device.update(torch.from_numpy(maps[4:]), torch.from_numpy(masks[4:]))      # labelled here
+    device = PixelAccumulator(bins=4096, replicates=bootstrap.PixelReplicates(counts))
+    device.update(torch.from_numpy(maps[:4]), torch.from_numpy(masks[:4]), listed[:4], images=cols[:4])
+    device.update(torch.from_numpy(maps[4:]), torch.from_numpy(masks[4:]), images=cols[4:])   # labelled here
     assert torch.equal(host.hist, device.hist) and host.regions == device.regions
     torch.testing.assert_close(host.pro, device.pro, rtol=1e-12, atol=1e-15)
+    assert host.replicates.state.abs().sum() > 0
+    torch.testing.assert_close(host.replicates.state, device.replicates.state, rtol=1e-12, atol=1e-12)
     bad = PixelAccumulator(bins=4096)
     bad.update(maps * 1.5, masks)                                   # no read yet, no error yet
     with pytest.raises(ValueError, match=r"in \[0, 1\], got range \[0, 1\.5\]"):

@@ -117,13 +117,16 @@ class PixelReplicates:
         self._pending, self._state = [], value
 
     def update(self, bins: torch.Tensor, anomalous: torch.Tensor, region_pixels: torch.Tensor,
-               region_weights: torch.Tensor, regions: Sequence[int], images: Sequence[int], area: int) -> None:
+               region_weights: torch.Tensor, regions: Sequence[int], images: Sequence[int], area: int,
+               host: bool = True) -> None:
         """A batch of this category's maps: ``bins`` each pixel's coarse bin (the flattened batch of
         ``len(images)`` maps of ``area`` pixels), ``anomalous`` the flat indices of its anomalous pixels,
         ``region_pixels`` / ``region_weights`` AUPRO's region pixels (flat indices) and their weights,
-        ``regions`` each mask's number of regions, ``images`` each map's column in the counts."""
+        ``regions`` each mask's number of regions, ``images`` each map's column in the counts. ``host``:
+        count with numpy (CPU tensors; several times faster than torch's bincount there), else torch
+        where the tensors are (an accelerator: nothing read back)."""
         n, width = len(images), self.width
-        if bins.device.type == "cpu":        # numpy: several times faster than torch's bincount there
+        if host:
             key = bins.numpy().astype(np.int64).reshape(n, area) + (np.arange(n, dtype=np.int64) * width)[:, None]
             key = key.reshape(-1)
             counted = np.bincount(key, minlength=n * width).astype(np.float64)          # all as normal

@@ -165,13 +165,14 @@ class PixelAccumulator:
             update(scores.reshape(-1), mask.reshape(-1) > 0, regions, scores[0].numel(), images)
         self.images += len(scores)
 
-    def _update_replicates(self, b: torch.Tensor, anomalous: torch.Tensor, regions, flat, area: int, images) -> None:
+    def _update_replicates(self, b: torch.Tensor, anomalous: torch.Tensor, regions, flat, area: int, images,
+                           host: bool) -> None:
         """The bootstrap's coarse histograms from the same bins (the fine bin index, shifted)."""
         rep = self.replicates
         shift = int(math.log2(self.bins // rep.bins))
         pixels, weights = flat if flat is not None else (anomalous.new_zeros(0), torch.zeros(0, dtype=torch.float64))
         rep.update(b >> shift, anomalous, pixels.to(b.device), weights.to(b.device),
-                   [n for _, _, n in regions] if regions else [0] * len(images), images, area)
+                   [n for _, _, n in regions] if regions else [0] * len(images), images, area, host)
 
     def _update_host(self, scores: torch.Tensor, mask: torch.Tensor, regions, area: int, images=None) -> None:
         """numpy on the CPU (several times faster than torch's elementwise ops and bincount there),
@@ -192,7 +193,7 @@ class PixelAccumulator:
         if flat is not None:
             np.add.at(self.pro.numpy(), b[flat[0].numpy()], flat[1].numpy())
         if self.replicates is not None:
-            self._update_replicates(torch.from_numpy(b), torch.from_numpy(where), regions, flat, area, images)
+            self._update_replicates(torch.from_numpy(b), torch.from_numpy(where), regions, flat, area, images, True)
 
     def _update_device(self, scores: torch.Tensor, mask: torch.Tensor, regions, area: int, images=None) -> None:
         """torch where the maps are, nothing read back: ``bincount`` into one histogram of 2 x bins
@@ -210,7 +211,7 @@ class PixelAccumulator:
             if len(pixels):
                 self.pro.add_(torch.bincount(b[flat[0]], flat[1], minlength=self.bins))
         if self.replicates is not None:
-            self._update_replicates(b, torch.nonzero(mask).view(-1), regions, flat, area, images)
+            self._update_replicates(b, torch.nonzero(mask).view(-1), regions, flat, area, images, False)
 
     def _cumulative(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Thresholds from high to low (only bins that hold pixels): the mask of those bins, and the
