@@ -141,12 +141,14 @@ def run(method: str = "adaclip", backbone: Optional[str] = None, image_size: Opt
             del model.forward
 
     t_im, t_im0 = best(input_and_metrics, (n_workers,), (0,))
+    default = f"intervals B={EvalCfg.bootstrap}, the default"
     rows += [(f"input + metrics (evaluate, forward replaced), {n_workers} workers",
-              f"{_rate(len(df), t_im)}; {t_im0 / t_im:.2f}x 0 workers"),
-             ("input + metrics (evaluate, forward replaced), 0 workers", _rate(len(df), t_im0))]
+              f"{_rate(len(df), t_im)}; {t_im0 / t_im:.2f}x 0 workers ({default})"),
+             ("input + metrics (evaluate, forward replaced), 0 workers", f"{_rate(len(df), t_im0)} ({default})")]
     # the 95% intervals' cost (bootstrap.py): the same pass without them and at each number of replicates
     settings = [(n_workers, b) for b in (0, *intervals)]
     times = dict(zip([b for _, b in settings], best(input_and_metrics, *settings)))
+    rows.append((f"input + metrics, {n_workers} workers, no intervals (B=0)", _rate(len(df), times[0])))
     for b in intervals:
         rows.append((f"input + metrics, intervals B={b} (0: none)",
                      f"{_rate(len(df), times[b])}; {times[b] / times[0] - 1:+.0%} time against none"))

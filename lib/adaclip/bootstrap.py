@@ -131,9 +131,9 @@ class PixelReplicates:
             key = key.reshape(-1)
             counted = np.bincount(key, minlength=n * width).astype(np.float64)          # all as normal
             if len(anomalous):
-                moved = key[anomalous.numpy()]
-                np.subtract.at(counted, moved, 1)
-                np.add.at(counted, moved + self.bins, 1)
+                moved = np.bincount(key[anomalous.numpy()], minlength=n * width)
+                counted -= moved
+                counted[self.bins:] += moved[:-self.bins]              # to the anomalous half, same bin
             if len(region_pixels):
                 counted += np.bincount(key[region_pixels.numpy()] + 2 * self.bins, weights=region_weights.numpy(),
                                        minlength=n * width)
