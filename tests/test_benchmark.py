@@ -57,7 +57,9 @@ def test_pipeline_benchmark_prints_each_rate(capsys):
                  "input + metrics (evaluate, forward replaced), 1 workers",
                  "input + metrics (evaluate, forward replaced), 0 workers", "model forward, batch 4",
                  "whole evaluation (8 images), no intervals", "whole evaluation, intervals B=200",
-                     "input + metrics, intervals B=200 (0: none)"):
+                 "input + metrics, intervals B=200 (0: none)", "input + metrics, 1 workers, no intervals (B=0)"):
         assert "images/s" in rows[name], name
-    assert "of the model-forward rate" in rows["whole evaluation (8 images)"]
+    assert "of the model-forward rate" in rows["whole evaluation (8 images), no intervals"]
+    assert "time against none" in rows["input + metrics, intervals B=1000 (0: none)"]
+    assert "B=200: 4.7 MiB" in rows["intervals' pixel state per annotated category"]
     assert rows["limited by"] in ("input", "metrics", "model")
