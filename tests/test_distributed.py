@@ -1,6 +1,6 @@
 """torch.distributed on the CPU (gloo): two processes started by torchrun, tiny model.
 
-Evaluation sharded over ranks equals one process; one step of 2 ranks x batch 1 equals one step at
+Evaluation sharded over ranks equals one process (its bootstrap intervals too); one step of 2 ranks x batch 1 equals one step at
 batch 2; an interrupted distributed training resumes to the uninterrupted result; rank 0 alone
 writes the run files; each epoch shuffles the shards anew; a rank that never reaches a collective
 makes the others fail after ADACLIP_DIST_TIMEOUT. (Each epoch's shards under torchrun: test_data_loading.py,
@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import torch
 
-from adaclip import AdaCLIP, AdaCLIPConfig, cli
+from adaclip import AdaCLIP, AdaCLIPConfig, bootstrap, cli
 from adaclip.data import read_manifest, write_manifest
 from adaclip.data.registry import MANIFEST_DIR
 
@@ -135,6 +135,19 @@ def test_distributed_evaluation_equals_one_process(tmp_path, monkeypatch):
     image = [c for c in one.columns if c.startswith("image_")]             # from scores equal to 1e-7
     pd.testing.assert_frame_equal(one[image], two[image], check_exact=False, rtol=0, atol=1e-5)
     pd.testing.assert_frame_equal(one.drop(columns=pixel + image), two.drop(columns=pixel + image))
+    # the bootstrap intervals (1000 replicates, the default): every rank draws the replicates of the
+    # whole test set (seeded by the category, never the rank) and adds its images' share of the pixel
+    # histograms; the sums are one process's state, so its bounds and deviations equal one process's
+    bounds = [c for c in one.columns if c.endswith(("_lo", "_hi"))]
+    assert len(bounds) == 16 and one[bounds].notna().any().all()
+    pd.testing.assert_frame_equal(one[bounds], two[bounds], check_exact=False, rtol=0, atol=1e-9)
+    saved = [bootstrap.load(tmp_path / r / "e" / bootstrap.FILE) for r in ("one", "two")]
+    assert saved[0]["replicates"] == saved[1]["replicates"] == 1000 and saved[0]["seed"] == saved[1]["seed"]
+    assert saved[0]["categories"].keys() == saved[1]["categories"].keys()
+    for key, per in saved[0]["categories"].items():
+        for metric, deviations in per.items():
+            np.testing.assert_allclose(deviations, saved[1]["categories"][key][metric], rtol=0, atol=1e-9,
+                                       err_msg=f"{key} {metric}")
     one, two = (pd.read_csv(tmp_path / r / "e" / "scores.csv") for r in ("one", "two"))
     pd.testing.assert_frame_equal(one.drop(columns="score"), two.drop(columns="score"))
     np.testing.assert_allclose(one.score, two.score, atol=1e-5)          # batch composition differs (1e-7)
@@ -147,7 +160,7 @@ def test_distributed_evaluation_equals_one_process(tmp_path, monkeypatch):
     assert maps <= files and writes[0] | writes[1] == files
     assert writes[1] == {f"e/maps/{i:06d}.npz" for i in range(1, len(one), 2)}
     assert writes[0] == files - writes[1]
-    assert {"e/metrics.csv", "e/scores.csv", "e/thresholds.json", "e/config.json"} <= writes[0]
+    assert {"e/metrics.csv", "e/scores.csv", "e/thresholds.json", "e/config.json", "e/bootstrap.npz"} <= writes[0]
 
 
 def test_two_ranks_at_batch_one_step_like_one_process_at_batch_two(tmp_path, monkeypatch):
