@@ -58,6 +58,19 @@ def test_resample_counts_keep_each_class_count_and_depend_on_seed_and_category_o
         assert (other[1:] != counts[1:]).any(axis=1).mean() > 0.9
 
 
+def test_interval_quantiles_clipped_to_the_unit_range_and_holding_the_estimate():
+    deviations = np.linspace(-0.1, 0.1, 401)
+    lo, hi = bootstrap.interval(0.5, deviations)
+    assert (lo, hi) == pytest.approx((0.5 - 0.095, 0.5 + 0.095), abs=1e-12)          # 2.5% and 97.5% quantiles
+    assert bootstrap.interval(0.95, deviations) == pytest.approx((0.855, 1.0), abs=1e-12)
+    # every replicate above the estimate (F1-max or a pixel metric at the coarse bins can do that):
+    # the interval still holds the estimate
+    assert bootstrap.interval(0.5, np.array([0.01, 0.02, 0.03, np.nan])) == pytest.approx((0.5, 0.5 + 0.0295), abs=1e-12)
+    assert bootstrap.interval(0.5, np.array([-0.03, -0.02])) == pytest.approx((0.5 - 0.02975, 0.5), abs=1e-12)
+    for estimate, dev in ((np.nan, deviations), (0.5, np.array([np.nan, np.nan])), (0.5, np.zeros(0))):
+        assert np.isnan(bootstrap.interval(estimate, dev)).all()
+
+
 # --------------------------------------------------------------------------------------------------
 # coverage
 
@@ -386,17 +399,28 @@ def test_evaluate_intervals_are_the_bootstrap_of_the_models_own_scores_and_maps(
                                            err_msg=f"{key} {metric}")
             else:
                 assert np.isnan(got).all(), (key, metric)
-    # metrics.csv's bounds from those deviations
+    # metrics.csv's bounds from those deviations: the estimate plus their 2.5% and 97.5% quantiles
+    # (within [0, 1], widened to hold the estimate); a mean row's, replicate by replicate, from the mean
+    # of its categories' deviations (those defined in that replicate, of the categories it averages)
     metrics = pd.read_csv(folder / "metrics.csv")
     point = metrics[metrics.category != "mean"].set_index(["dataset", "category"])
+    checked = 0
     for row in metrics.itertuples(index=False):
         members = [k for k in keys if row.dataset in ("all", k[0])] if row.category == "mean" else [(row.dataset, row.category)]
         for metric in METRIC_KEYS:
-            parts = [saved["categories"][k][metric] for k in members if np.isfinite(point.loc[k, metric])]
-            dev = bootstrap.mean_deviation(parts) if parts else np.zeros(0)
-            expected = bootstrap.interval(getattr(row, metric), dev)
+            estimate = getattr(row, metric)
+            parts = np.array([saved["categories"][k][metric] for k in members if np.isfinite(point.loc[k, metric])])
             got = (getattr(row, f"{metric}_lo"), getattr(row, f"{metric}_hi"))
-            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12, err_msg=f"{row.dataset}/{row.category} {metric}")
+            if not np.isfinite(estimate):
+                assert np.isnan(got).all()
+                continue
+            defined = np.isfinite(parts)
+            dev = np.where(defined, parts, 0).sum(0)[defined.any(0)] / defined.sum(0)[defined.any(0)]
+            lo, hi = np.clip(estimate + np.quantile(dev, [0.025, 0.975]), 0, 1)
+            np.testing.assert_allclose(got, (min(lo, estimate), max(hi, estimate)), rtol=0, atol=1e-12,
+                                       err_msg=f"{row.dataset}/{row.category} {metric}")
+            checked += row.category == "mean"
+    assert checked >= 10                                                        # mean rows among them
 
 
 def test_evaluate_intervals_are_seeded(runs):
