@@ -140,14 +140,17 @@ def test_distributed_evaluation_equals_one_process(tmp_path, monkeypatch):
     # histograms; the sums are one process's state, so its bounds and deviations equal one process's
     bounds = [c for c in one.columns if c.endswith(("_lo", "_hi"))]
     assert len(bounds) == 16 and one[bounds].notna().any().all()
-    pd.testing.assert_frame_equal(one[bounds], two[bounds], check_exact=False, rtol=0, atol=1e-9)
+    image_bounds = [c for c in bounds if c.startswith("image_")]          # from scores equal to 1e-7, as above
+    pd.testing.assert_frame_equal(one[image_bounds], two[image_bounds], check_exact=False, rtol=0, atol=1e-5)
+    pixel_bounds = [c for c in bounds if c not in image_bounds]
+    pd.testing.assert_frame_equal(one[pixel_bounds], two[pixel_bounds], check_exact=False, rtol=0, atol=1e-9)
     saved = [bootstrap.load(tmp_path / r / "e" / bootstrap.FILE) for r in ("one", "two")]
     assert saved[0]["replicates"] == saved[1]["replicates"] == 1000 and saved[0]["seed"] == saved[1]["seed"]
     assert saved[0]["categories"].keys() == saved[1]["categories"].keys()
     for key, per in saved[0]["categories"].items():
         for metric, deviations in per.items():
-            np.testing.assert_allclose(deviations, saved[1]["categories"][key][metric], rtol=0, atol=1e-9,
-                                       err_msg=f"{key} {metric}")
+            np.testing.assert_allclose(deviations, saved[1]["categories"][key][metric], rtol=0,
+                                       atol=1e-5 if metric.startswith("image_") else 1e-9, err_msg=f"{key} {metric}")
     one, two = (pd.read_csv(tmp_path / r / "e" / "scores.csv") for r in ("one", "two"))
     pd.testing.assert_frame_equal(one.drop(columns="score"), two.drop(columns="score"))
     np.testing.assert_allclose(one.score, two.score, atol=1e-5)          # batch composition differs (1e-7)
