@@ -263,6 +263,8 @@ def test_tables_show_intervals_and_bold_only_a_significant_best(tmp_path):
     text = analysis.to_markdown(analysis.long_table(main), by="row", intervals=iv.long(main))
     assert f"**90.0 [{lo:.1f}, {hi:.1f}]**" in text and "70.0 [" in text and "80.0 [" in text and "≈" in text
     assert "**80.0" not in text                                     # a tie is never bold
+    paired = analysis.compare("A", "B", tmp_path, ["image_auroc"]).set_index("dataset")
+    assert paired.loc["d", "difference"] == pytest.approx(0.2) and paired.loc["d", "p_value"] < 0.01
     # the same run against a run on other images: no claim either way
     _interval_run(tmp_path / "C", values_b, spread, 3, images=("x.png", "z.png"))
     R = analysis.load_runs(tmp_path, ["A", "C"])

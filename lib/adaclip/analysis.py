@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from . import compare
+from . import compare as comparisons
 from .config import activation_name
 from .io import atomic_path, write_csv
 from .metric_keys import METRIC_KEYS
@@ -53,10 +53,10 @@ class Runs:
     def random_weights(self) -> bool:
         return any(c.get("backbone_weights") == "random" for c in self.configs.values())
 
-    def data(self, run: str) -> "compare.RunData":
+    def data(self, run: str) -> "comparisons.RunData":
         """A run's metrics, scores and bootstrap replicates, as the paired comparisons read them (cached)."""
         if run not in self._data:
-            self._data[run] = compare.read_run(self.results_dir, run)
+            self._data[run] = comparisons.read_run(self.results_dir, run)
         return self._data[run]
 
 
@@ -80,6 +80,16 @@ def load_runs(results_dir: PathLike, runs: Sequence[str]) -> Runs:
             logs[run] = pd.read_csv(folder / "train_log.csv")
     cat = lambda frames: pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()  # noqa: E731
     return Runs(configs, cat(metrics), cat(scores), cat(curves), logs, results_dir)
+
+
+def compare(run_a: str, run_b: str, results_dir: Optional[PathLike] = None,
+            metrics: Sequence[str] = METRIC_KEYS) -> pd.DataFrame:
+    """Run A against run B on the same test images (`adaclip.compare.compare`): per dataset and metric
+    the difference, its paired-bootstrap 95% interval, p-values (Holm across datasets; DeLong for image
+    AUROC). ``results_dir``: where the run folders are (default: results/)."""
+    from .data.registry import results_root
+
+    return comparisons.compare(results_dir if results_dir is not None else results_root(), run_a, run_b, metrics)
 
 
 def trained_on(config: dict) -> Optional[str]:
@@ -410,7 +420,7 @@ def table_intervals(runs: Runs, table: pd.DataFrame, info: Optional[pd.DataFrame
         if run is None or run not in runs.configs:
             continue
         for dataset in table.index:
-            _, l, h = compare.run_interval(runs.data(run), None if dataset == "mean" else dataset, metric)
+            _, l, h = comparisons.run_interval(runs.data(run), None if dataset == "mean" else dataset, metric)
             lo.loc[dataset, (metric, label)], hi.loc[dataset, (metric, label)] = l * scale, h * scale
     tested: dict = {}
     for metric in dict.fromkeys(table.columns.get_level_values(0)):
@@ -424,7 +434,7 @@ def table_intervals(runs: Runs, table: pd.DataFrame, info: Optional[pd.DataFrame
             p = [_paired_p(runs, best[2], other[2], dataset, metric, tested) for other in values[1:]]
             if any(x is None for x in p):
                 continue
-            tie = [best] + [o for o, x in zip(values[1:], p) if not x < compare.ALPHA]
+            tie = [best] + [o for o, x in zip(values[1:], p) if not x < comparisons.ALPHA]
             for _, label, _ in tie:
                 marks.loc[dataset, (metric, label)] = "best" if len(tie) == 1 else "tie"
     return Intervals(lo, hi, marks)
@@ -434,13 +444,13 @@ def _paired_p(runs: Runs, a: str, b: str, dataset: str, metric: str, tested: dic
     """The paired bootstrap p-value of runs a and b (None where they cannot be paired)."""
     if (a, b) not in tested:
         try:
-            compare.check_paired(runs.data(a), runs.data(b))
+            comparisons.check_paired(runs.data(a), runs.data(b))
             tested[(a, b)] = True
         except (ValueError, FileNotFoundError):
             tested[(a, b)] = False
     if not tested[(a, b)]:
         return None
-    p = compare.paired(runs.data(a), runs.data(b), None if dataset == "mean" else dataset, metric)["p_value"]
+    p = comparisons.paired(runs.data(a), runs.data(b), None if dataset == "mean" else dataset, metric)["p_value"]
     return p if np.isfinite(p) else None
 
 
@@ -509,7 +519,7 @@ def _comparison_text(comparison: pd.DataFrame, digits: int) -> pd.DataFrame:
                              for d, lo, hi in zip(rows.difference, rows.difference_lo, rows.difference_hi)],
         "p": rows.p_value.map(lambda v: fmt(v, ".3f")), "p (Holm)": rows.p_holm.map(lambda v: fmt(v, ".3f")),
         "DeLong p": rows.delong_p.map(lambda v: fmt(v, ".3f")),
-        "verdict": [compare.verdict(r) for _, r in rows.iterrows()]})
+        "verdict": [comparisons.verdict(r) for _, r in rows.iterrows()]})
 
 
 def _flat_columns(table: pd.DataFrame) -> list[str]:
