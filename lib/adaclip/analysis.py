@@ -388,6 +388,10 @@ class Intervals:
     hi: pd.DataFrame
     marks: pd.DataFrame
 
+    @property
+    def T(self) -> "Intervals":                  # noqa: N802  as DataFrame.T: the transposed table's
+        return Intervals(self.lo.T, self.hi.T, self.marks.T)
+
     def long(self, table: pd.DataFrame) -> "Intervals":
         """The same for `long_table(table)`."""
         index = long_table(table).index
@@ -601,8 +605,9 @@ def write_table(table: pd.DataFrame, stem: PathLike, digits: int = 1, caption: s
     if intervals is not None:
         parts = []
         for k, name in enumerate(flat.columns):
-            parts += [flat.iloc[:, k].rename(name), intervals.lo.iloc[:, k].rename(f"{name} lo"),
-                      intervals.hi.iloc[:, k].rename(f"{name} hi")]
+            parts.append(flat.iloc[:, k].rename(name))
+            if intervals.lo.iloc[:, k].notna().any():           # published columns have none
+                parts += [intervals.lo.iloc[:, k].rename(f"{name} lo"), intervals.hi.iloc[:, k].rename(f"{name} hi")]
         flat = pd.concat(parts, axis=1)
     write_csv(paths["csv"], flat.reset_index())
     for ext, text in (("md", to_markdown(table, digits, intervals=intervals)),
