@@ -132,8 +132,11 @@ def test_pipeline_runs_headless(tmp_path, capfd):
     figures = {p.name for p in (run / "figures").iterdir()}
     assert {"00_samples.png", "01_loss.png", "02_metrics.png", "02_maps.png", "03_scores_adaclip.png",
             "03_scores_clip.pdf", "03_curves_visa.png", "03_qualitative.png", "04_explore.png",
-            "04_explore_layers.png", "04_explore_smoothing.png", "04_explore_hsf.pdf"} <= figures
+            "04_explore_layers.png", "04_explore_smoothing.png", "04_explore_hsf.pdf",
+            "03_forest_image_auroc.png", "03_forest_pixel_auroc.pdf"} <= figures      # AdaCLIP against its baselines
     # each run beside the published numbers of its own method, and only those
+    comparison = pd.read_csv(run / "tables" / "comparison.csv")
+    assert set(comparison.run_a) == {"adaclip"} and set(comparison.run_b) == set(others)
     repro = pd.read_csv(run / "tables" / "reproduction.csv")
     beside = repro.dropna(subset=["published"]).groupby("run").published_method.unique()
     for m, published in (("aprilgan", "APRIL-GAN"), ("winclip", "WinCLIP")):
