@@ -1,4 +1,7 @@
 """The command line is a thin wrapper: each subcommand runs end to end on the embedded sample."""
+import json
+import re
+
 import pandas as pd
 import pytest
 
@@ -25,8 +28,11 @@ def test_train_then_evaluate(capsys, results_in_tmp):
                      "--prompt-length", "2", "--k-clusters", "3", "--epochs", "1", "--batch-size", "8"]) == 0
     assert (results_in_tmp / run / "model.pt").is_file()
     assert cli.main(["evaluate", "--checkpoint", str(results_in_tmp / run / "model.pt"), "--test", "sample/kvasir.csv",
-                     "--root", "sample", "--run", run]) == 0
-    assert "kvasir" in capsys.readouterr().out
+                     "--root", "sample", "--run", run, "--bootstrap", "100", "--bootstrap-seed", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "kvasir" in out and "95% bootstrap interval" in out and re.search(r"\d+\.\d \[\d+\.\d, \d+\.\d\]", out)
+    config = json.loads((results_in_tmp / run / "config.json").read_text())
+    assert config["intervals"]["replicates"] == 100 and config["intervals"]["seed"] == 3
 
 
 def test_unknown_dataset_is_a_clear_error():

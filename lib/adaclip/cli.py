@@ -122,7 +122,11 @@ def _evaluate(args) -> int:
                   bootstrap_seed=args.bootstrap_seed)
     result = evaluate(model, test, resolve_root(args.root), cfg, run_dir=results_root() / args.run, references=rows)
     if distributed.is_main():
-        print(result.metrics.round(4).to_string(index=False))
+        from .analysis import metrics_view
+
+        view = metrics_view(result.metrics)          # percent, each with its 95% interval [lo, hi]
+        print(view.data.to_string(index=False))
+        print(view.caption)
     return 0
 
 
