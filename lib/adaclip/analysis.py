@@ -661,8 +661,8 @@ def reproduction_table(runs: Runs, published: Optional[pd.DataFrame] = None,
     shown = [m for m in metrics_shown if m in per and m in published]
     ours = per.melt(id_vars=["run", "dataset"], value_vars=shown, var_name="metric", value_name="ours")
     for bound in ("lo", "hi"):        # the 95% interval of each dataset row (metrics.csv; NaN without one)
-        ours[f"ours_{bound}"] = [per[f"{m}_{bound}"].iloc[i] if f"{m}_{bound}" in per else np.nan
-                                 for m, i in zip(ours.metric, np.tile(np.arange(len(per)), len(shown)))]
+        bounds = per.reindex(columns=[f"{m}_{bound}" for m in shown])                # melted in the same order
+        ours[f"ours_{bound}"] = bounds.melt().value.to_numpy()
     ours[["ours", "ours_lo", "ours_hi"]] *= 100
     frames = []
     for run, config in runs.configs.items():

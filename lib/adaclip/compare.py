@@ -111,11 +111,11 @@ def _manifest_of(run: RunData, dataset: str) -> str:
 def dataset_value(run: RunData, dataset: str, metric: str, categories: Optional[list] = None) -> tuple[float, np.ndarray]:
     """A dataset's value (mean over ``categories``, default its own) and its bootstrap deviations."""
     categories = run.categories(dataset) if categories is None else categories
-    values = [run.value(dataset, c, metric) for c in categories]
-    kept = [c for c, v in zip(categories, values) if np.isfinite(v)]
+    values = {c: run.value(dataset, c, metric) for c in categories}
+    kept = [c for c, v in values.items() if np.isfinite(v)]
     if not kept:
         return np.nan, np.zeros(0)
-    value = float(np.mean([run.value(dataset, c, metric) for c in kept]))
+    value = float(np.mean([values[c] for c in kept]))
     if run.deviations is None:
         return value, np.zeros(0)
     return value, bootstrap.mean_deviation([run.deviations[(dataset, c)][metric] for c in kept])

@@ -83,11 +83,11 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
     loop_threads, model_threads = (1, torch.get_num_threads()) if device.type == "cpu" and workers else (None, None)
     keys = list(dict.fromkeys(zip(df.dataset, df.category)))
     key_of = list(zip(df.dataset, df.category))
+    rows_of = {key: (df.dataset == key[0]).values & (df.category == key[1]).values for key in keys}
     # the bootstrap: each image's column among its category's images, each category's resample counts
-    rows_of = {key: np.flatnonzero((df.dataset == key[0]).values & (df.category == key[1]).values) for key in keys}
     column = np.zeros(len(df), np.int64)
     for rows in rows_of.values():
-        column[rows] = np.arange(len(rows))
+        column[rows] = np.arange(rows.sum())
     resamples = {key: bootstrap.resample_counts(df.label.values[rows], cfg.bootstrap, cfg.bootstrap_seed, *key)
                  for key, rows in rows_of.items()} if cfg.bootstrap else {}
     # one accumulator per category with pixel ground truth (none for image-level datasets), on the device
@@ -160,8 +160,7 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
     transductive = parts is not None
     if transductive:
         parts = distributed.sum_array(parts)
-        for key in dict.fromkeys(zip(df.dataset, df.category)):
-            sel = (df.dataset == key[0]).values & (df.category == key[1]).values
+        for key, sel in rows_of.items():
             scores[sel] = model.finalize_scores(parts[sel])
     for acc in pixels.values():
         acc.set_counts(*[distributed.sum_array(a) for a in acc.counts()])
@@ -170,8 +169,7 @@ def evaluate(model, manifests, data_root: PathLike, cfg: Optional[EvalCfg] = Non
 
     rows, scored = [], df[["dataset", "category", "image", *(["crop"] if "crop" in df else []), "label"]].copy()
     scored["score"], scored["threshold"], scored["decision"] = scores, np.nan, pd.NA
-    for key in keys:
-        sel = (df.dataset == key[0]).values & (df.category == key[1]).values
+    for key, sel in rows_of.items():
         m = summarize(df.label.values[sel], scores[sel], pixels.get(key),
                       cflow_values.get(key, (np.nan, "pixel_aupro_cflow not computed (aupro_cflow=False)", None))[:2])
         if transductive:
